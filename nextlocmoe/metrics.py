@@ -1,0 +1,431 @@
+"""Retrieval and ranking metrics: KD-tree candidate retrieval, exact ranks, Hit@k, NDCG@k, MRR.
+
+The paper's model regresses a point (x, y) in metres; a KD-tree over every candidate location then
+retrieves the k candidates nearest to that point, and Hit@k asks whether the true next location is among
+them (paper Sec. 5.1; with one true location per sample this is LibCity's Recall@k). Classification
+baselines instead score every candidate. Both paths reduce to ONE notion of rank, so their numbers are
+comparable:
+
+    rank(target) = 1 + #{candidates strictly better than the target}
+                     + #{candidates exactly as good as the target with a lower candidate id}
+
+"Better" means a smaller squared Euclidean distance (computed in float64, always by `squared_distance`)
+for the regression path and a larger score for the classification path. Ties are therefore broken by
+lower candidate id, and the k candidates that `CandidateIndex.topk` returns are exactly the candidates of
+rank 1..k, in that order. From the rank of each sample:
+
+    hit@k   = mean [rank <= k]
+    ndcg@k  = mean [rank <= k] / log2(rank + 1)     (one relevant item, so the ideal DCG is 1)
+    mrr     = mean 1 / rank                         (full rank over all candidates, no cut-off)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial import cKDTree
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, DataError
+
+DEFAULT_KS = (1, 5, 10, 20)          # paper Tables 2-4 report Hit@1/5/10/20
+DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22  # entries of one (rows x candidates) block: 4M float64 = 32 MiB
+
+# Safety band of the KD-tree counting fast path in `CandidateIndex.rank_of` (see there). Both are far
+# wider than float64 rounding (~1e-16 relative), so a candidate the tree might misjudge always falls into
+# the band and its row is settled by the exact brute-force count instead.
+_RELATIVE_BAND = 1e-9                 # relative to the target's squared distance
+_ABSOLUTE_BAND = 1e-10                # relative to (largest coordinate magnitude)^2, covers tiny distances
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+
+def exists(value: Any) -> bool:
+    return value is not None
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    """numpy view of a numpy array, list or (possibly GPU, possibly grad-tracking) torch tensor."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.dtype in (torch.bfloat16, torch.float16):
+            array = array.float()
+        return array.numpy()
+    return np.asarray(array)
+
+
+def _as_points(points: Any, name: str) -> np.ndarray:
+    """Check an (N, 2) array of finite metres and return it as float64."""
+    points = _to_numpy(points)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise DataError(f"{name} must have shape (N, 2) (x, y in metres), got shape {points.shape}")
+    if not np.issubdtype(points.dtype, np.number) or np.issubdtype(points.dtype, np.complexfloating):
+        raise DataError(f"{name} must hold real numbers, got dtype {points.dtype}")
+    points = points.astype(np.float64, copy=False)
+    if not np.isfinite(points).all():
+        bad = int((~np.isfinite(points).all(axis=1)).sum())
+        raise DataError(f"{name} holds NaN or infinite coordinates in {bad} of {len(points)} rows")
+    return points
+
+
+def _as_target_ids(target_ids: Any, n_rows: int, n_candidates: int, name: str = "target_ids") -> np.ndarray:
+    """Check a (N,) array of integer candidate ids in [0, n_candidates) and return it as int64."""
+    ids = _to_numpy(target_ids)
+    if ids.ndim != 1 or len(ids) != n_rows:
+        raise DataError(f"{name} must have shape ({n_rows},) to match the predictions, got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{name} must hold integer candidate ids, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if n_rows and (ids.min() < 0 or ids.max() >= n_candidates):
+        raise DataError(f"{name} must lie in [0, {n_candidates}) (one id per candidate location), "
+                        f"got values in [{ids.min()}, {ids.max()}]")
+    return ids
+
+
+def _check_k(k: Any, n_candidates: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_candidates:
+        raise ConfigError(f"{name} must be an integer in [1, {n_candidates}] (number of candidates), "
+                          f"got {k!r}")
+    return int(k)
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ConfigError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
+    return tuple(sorted(set(int(k) for k in ks)))
+
+
+def _check_chunk(max_chunk_elements: int) -> int:
+    if isinstance(max_chunk_elements, bool) or not isinstance(max_chunk_elements, (int, np.integer)) \
+            or max_chunk_elements < 1:
+        raise ConfigError(f"max_chunk_elements must be a positive integer, got {max_chunk_elements!r}")
+    return int(max_chunk_elements)
+
+
+def squared_distance(points: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(px - cx)^2 + (py - cy)^2 in float64, broadcasting `points[..., :]` against `candidates[..., :]`.
+
+    Every distance comparison in this module goes through this one expression, so a tie between two
+    candidates is a tie everywhere (top-k, exact rank, brute-force fallback) and never an accident of
+    evaluation order.
+    """
+    dx = points[..., 0] - candidates[..., 0]
+    dy = points[..., 1] - candidates[..., 1]
+    return dx * dx + dy * dy
+
+
+# ---------------------------------------------------------------------------------------------------
+# regression path: KD-tree over candidate locations
+# ---------------------------------------------------------------------------------------------------
+
+class CandidateIndex:
+    """All candidate locations of a dataset behind a KD-tree (paper Sec. 5.1: retrieval by KD-tree).
+
+    Candidate id i is row i of `candidates_xy` (the row of the location table). `topk` and `rank_of` share
+    the tie rule of this module: equal squared distances are ordered by lower candidate id.
+    """
+
+    def __init__(self, candidates_xy: Any, workers: int = 1,
+                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS):
+        candidates_xy = _as_points(candidates_xy, "candidates_xy")
+        if len(candidates_xy) == 0:
+            raise DataError("candidates_xy is empty: the candidate set needs at least one location")
+        self.candidates_xy = candidates_xy.copy()                  # (L, 2) metres
+        self.candidates_xy.flags.writeable = False
+        self.workers = int(workers)                                # cKDTree threads (-1: all cores)
+        self.max_chunk_elements = _check_chunk(max_chunk_elements)  # bound of one (rows x L) block
+        self.tree = cKDTree(self.candidates_xy)
+        self.candidate_ids = np.arange(len(self.candidates_xy), dtype=np.int64)  # (L,)
+        self._coordinate_scale = float(np.abs(self.candidates_xy).max())
+
+    @classmethod
+    def from_locations(cls, locations: pd.DataFrame, **kwargs: Any) -> "CandidateIndex":
+        """Index of a location table (columns x, y in metres; row i = location id i)."""
+        missing = [c for c in ("x", "y") if c not in locations.columns]
+        if missing:
+            raise DataError(f"location table lacks columns {missing}; expected metres in 'x' and 'y'")
+        return cls(locations[["x", "y"]].to_numpy(dtype=np.float64), **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.candidates_xy)
+
+    def __repr__(self) -> str:
+        return f"CandidateIndex(n_candidates={len(self)})"
+
+    # -- top-k retrieval ---------------------------------------------------------------------------
+
+    def topk(self, points: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest candidates of each point: (dist (N, k) metres, idx (N, k) int64), nearest first.
+
+        cKDTree does not order candidates at equal distance by id, and a tie can straddle the k-th
+        place. So we ask the tree for more neighbours than needed, recompute their squared distances
+        with `squared_distance`, sort by (distance, id), and accept a row only when its k-th candidate is
+        strictly closer than anything the tree left out; rows that fail are asked again with twice as
+        many neighbours (ties are rare off a grid, so this almost never loops).
+        """
+        points = _as_points(points, "points")
+        k = _check_k(k, len(self))
+        n_points, n_candidates = len(points), len(self)
+        if n_points == 0:
+            return np.empty((0, k), dtype=np.float64), np.empty((0, k), dtype=np.int64)
+        dist = np.empty((n_points, k), dtype=np.float64)           # (N, k)
+        idx = np.empty((n_points, k), dtype=np.int64)              # (N, k)
+        pending = np.arange(n_points)                              # rows not yet settled
+        n_query = min(n_candidates, k + max(k, 8))
+        while pending.size:
+            query_points = points[pending]                         # (n, 2)
+            tree_dist, tree_idx = self.tree.query(query_points, k=n_query, workers=self.workers)
+            tree_dist = tree_dist.reshape(len(pending), n_query)  # (n, m); k=1 comes back as (n,)
+            tree_idx = tree_idx.reshape(len(pending), n_query).astype(np.int64)
+            d2 = squared_distance(query_points[:, None, :], self.candidates_xy[tree_idx])  # (n, m)
+            order = np.lexsort((tree_idx, d2), axis=-1)            # by distance, then by id
+            d2 = np.take_along_axis(d2, order, axis=-1)
+            tree_idx = np.take_along_axis(tree_idx, order, axis=-1)
+            if n_query == n_candidates:                            # the tree returned every candidate
+                settled = np.ones(len(pending), dtype=bool)
+            else:                                                  # anything left out is at least this far
+                left_out_d2 = tree_dist[:, -1] ** 2 * (1.0 - _RELATIVE_BAND)
+                settled = d2[:, k - 1] < left_out_d2
+            dist[pending[settled]] = np.sqrt(d2[settled, :k])
+            idx[pending[settled]] = tree_idx[settled, :k]
+            pending = pending[~settled]
+            n_query = min(n_candidates, 2 * n_query)
+        return dist, idx
+
+    # -- exact rank among all candidates -----------------------------------------------------------
+
+    def rank_of(self, points: Any, target_ids: Any) -> np.ndarray:
+        """Exact rank (N,) int64 of each target among ALL candidates, by distance to the predicted point.
+
+        Fast path: the tree counts the candidates inside two discs around the point, one slightly smaller
+        and one slightly larger than the target's distance. When only the target lies between them, every
+        other candidate is certainly strictly closer (inside the small disc) or strictly farther, and
+        rank = 1 + count(small disc). Rows with anything else in the band (exact ties, duplicates, points
+        sitting on a candidate) get the exact brute-force count over all candidates, in chunks of at most
+        `max_chunk_elements` distances, so memory stays bounded for any N x L.
+        """
+        points = _as_points(points, "points")
+        target_ids = _as_target_ids(target_ids, len(points), len(self))
+        if len(points) == 0:
+            return np.empty(0, dtype=np.int64)
+        target_d2 = squared_distance(points, self.candidates_xy[target_ids])  # (N,)
+        scale = max(self._coordinate_scale, float(np.abs(points).max(initial=0.0)), 1.0)
+        band = _ABSOLUTE_BAND * scale * scale                       # m^2
+        inner_d2 = target_d2 * (1.0 - _RELATIVE_BAND) - band       # (N,) certainly closer below this
+        outer_d2 = target_d2 * (1.0 + _RELATIVE_BAND) + band       # (N,) certainly farther above this
+
+        inner_count = np.zeros(len(points), dtype=np.int64)
+        has_inner = inner_d2 > 0
+        if has_inner.any():
+            inner_count[has_inner] = self.tree.query_ball_point(
+                points[has_inner], np.sqrt(inner_d2[has_inner]), return_length=True, workers=self.workers)
+        outer_count = np.asarray(self.tree.query_ball_point(
+            points, np.sqrt(outer_d2), return_length=True, workers=self.workers), dtype=np.int64)
+
+        ranks = inner_count + 1
+        undecided = np.flatnonzero(outer_count - inner_count != 1)
+        if undecided.size:
+            ranks[undecided] = self._rank_brute_force(points[undecided], target_ids[undecided])
+        return ranks
+
+    def _rank_brute_force(self, points: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+        """rank = 1 + #closer + #equally close with lower id, over all L candidates, chunked by rows."""
+        n_candidates = len(self)
+        rows_per_chunk = max(1, self.max_chunk_elements // n_candidates)
+        starts = range(0, len(points), rows_per_chunk)
+        ranks = np.empty(len(points), dtype=np.int64)
+        for start in tqdm(starts, desc="exact ranks", unit="chunk", leave=False, disable=len(starts) < 16):
+            stop = start + rows_per_chunk
+            chunk_points, chunk_targets = points[start:stop], target_ids[start:stop]
+            d2 = squared_distance(chunk_points[:, None, :], self.candidates_xy[None, :, :])  # (n, L)
+            target_d2 = d2[np.arange(len(chunk_points)), chunk_targets][:, None]          # (n, 1)
+            ranks[start:stop] = 1 + _count_better(d2 < target_d2, d2 == target_d2, chunk_targets,
+                                                  self.candidate_ids)
+        return ranks
+
+
+def _count_better(strictly_better: np.ndarray, equal: np.ndarray, target_ids: np.ndarray,
+                  candidate_ids: np.ndarray) -> np.ndarray:
+    """#strictly better + #equal with a lower id, per row of (n, L) boolean masks."""
+    count = np.count_nonzero(strictly_better, axis=1).astype(np.int64)  # (n,)
+    tied_rows = np.flatnonzero(np.count_nonzero(equal, axis=1) > 1)    # the target always equals itself
+    if tied_rows.size:
+        lower_id = candidate_ids[None, :] < target_ids[tied_rows, None]   # (t, L)
+        count[tied_rows] += np.count_nonzero(equal[tied_rows] & lower_id, axis=1)
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------
+# classification path: a score per candidate
+# ---------------------------------------------------------------------------------------------------
+
+def ranks_from_scores(scores: Any, target_ids: Any,
+                      max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> np.ndarray:
+    """Rank (N,) int64 of each target under a score matrix (N, L), higher score = better.
+
+    Same rule as the regression path: 1 + #higher scores + #equal scores with a lower candidate id.
+    Accepts numpy arrays or torch tensors (compared on their own device, in their own dtype, so ties in
+    low precision count as ties). NaN scores are rejected; -inf is allowed (e.g. masked candidates).
+    """
+    max_chunk_elements = _check_chunk(max_chunk_elements)
+    if not isinstance(scores, torch.Tensor):
+        scores = np.asarray(scores)
+        if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
+            raise DataError(f"scores must hold real numbers, got dtype {scores.dtype}")
+        scores = torch.from_numpy(scores)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise DataError(f"scores must have shape (N, L) with L >= 1 candidates, got {tuple(scores.shape)}")
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise DataError(f"scores must hold real numbers, got dtype {scores.dtype}")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        n_bad = int(torch.isnan(scores).any(dim=1).sum())
+        raise DataError(f"scores hold NaN in {n_bad} of {len(scores)} rows")
+    n_rows, n_candidates = scores.shape
+    targets = torch.from_numpy(_as_target_ids(target_ids, n_rows, n_candidates)).to(scores.device)
+    candidate_ids = torch.arange(n_candidates, device=scores.device)
+    rows_per_chunk = max(1, max_chunk_elements // n_candidates)
+    starts = range(0, n_rows, rows_per_chunk)
+    ranks = torch.empty(n_rows, dtype=torch.int64, device=scores.device)
+    for start in tqdm(starts, desc="ranks from scores", unit="chunk", leave=False, disable=len(starts) < 16):
+        chunk, chunk_targets = scores[start:start + rows_per_chunk], targets[start:start + rows_per_chunk]
+        target_score = chunk.gather(1, chunk_targets[:, None])              # (n, 1)
+        better = chunk > target_score                                       # (n, L)
+        tied_lower = (chunk == target_score) & (candidate_ids[None, :] < chunk_targets[:, None])  # (n, L)
+        ranks[start:start + rows_per_chunk] = 1 + better.sum(dim=1) + tied_lower.sum(dim=1)
+    return ranks.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics from ranks
+# ---------------------------------------------------------------------------------------------------
+
+def hit_at_k(ranks: np.ndarray, k: int) -> float:
+    """Fraction of samples whose target is among the top k (= LibCity Recall@k, one true location)."""
+    return float(np.mean(ranks <= k))
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
+    """NDCG@k with one relevant item: the ideal DCG is 1, so a sample scores 1/log2(rank+1) within k."""
+    gains = np.where(ranks <= k, 1.0 / np.log2(ranks.astype(np.float64) + 1.0), 0.0)
+    return float(np.mean(gains))
+
+
+def mean_reciprocal_rank(ranks: np.ndarray) -> float:
+    """Mean of 1/rank over the full ranking (no cut-off)."""
+    return float(np.mean(1.0 / ranks.astype(np.float64)))
+
+
+def retrieval_metrics(ranks: Any, ks: Sequence[int] = DEFAULT_KS,
+                      distance_error_m: Any = None) -> dict[str, float]:
+    """Hit@k, NDCG@k, MRR (fractions in [0, 1]), optional distance error in metres, and n.
+
+    Keys: "hit@{k}" for every k, "ndcg@{k}" for every k > 1 (NDCG@1 equals Hit@1), "mrr", and, when
+    `distance_error_m` (N,) is given, "dist_mean_m" and "dist_median_m"; "n" is the number of samples.
+    """
+    ks = _check_ks(ks)
+    ranks = _to_numpy(ranks)
+    if ranks.ndim != 1 or len(ranks) == 0:
+        raise DataError(f"ranks must be a non-empty 1-D array, got shape {ranks.shape}")
+    if not np.issubdtype(ranks.dtype, np.integer):
+        raise DataError(f"ranks must hold integers (1 = best), got dtype {ranks.dtype}")
+    if ranks.min() < 1:
+        raise DataError(f"ranks must be >= 1 (1 = best), got minimum {ranks.min()}")
+    metrics: dict[str, float] = {}
+    for k in ks:
+        metrics[f"hit@{k}"] = hit_at_k(ranks, k)
+    for k in ks:
+        if k > 1:
+            metrics[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
+    metrics["mrr"] = mean_reciprocal_rank(ranks)
+    if exists(distance_error_m):
+        errors = _to_numpy(distance_error_m).astype(np.float64)
+        if errors.shape != ranks.shape:
+            raise DataError(f"distance_error_m must have shape {ranks.shape} like ranks, got {errors.shape}")
+        if not np.isfinite(errors).all() or errors.min() < 0:
+            raise DataError("distance_error_m must hold finite, non-negative metres")
+        metrics["dist_mean_m"] = float(errors.mean())
+        metrics["dist_median_m"] = float(np.median(errors))
+    metrics["n"] = int(len(ranks))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# the two evaluation paths
+# ---------------------------------------------------------------------------------------------------
+
+def evaluate_points(pred_xy: Any, target_ids: Any, index: CandidateIndex, target_xy: Any = None,
+                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Regression path (paper Sec. 5.1): rank the true location by distance to the predicted point.
+
+    Distance error is from the predicted point to the true next location: `target_xy` (N, 2) when given
+    (e.g. the raw GPS fix), otherwise the coordinates of candidate `target_ids`.
+    """
+    pred_xy = _as_points(pred_xy, "pred_xy")
+    target_ids = _as_target_ids(target_ids, len(pred_xy), len(index))
+    target_xy = index.candidates_xy[target_ids] if target_xy is None else _as_points(target_xy, "target_xy")
+    if target_xy.shape != pred_xy.shape:
+        raise DataError(f"target_xy must have shape {pred_xy.shape} like pred_xy, got {target_xy.shape}")
+    ranks = index.rank_of(pred_xy, target_ids)
+    distance_error = np.sqrt(squared_distance(pred_xy, target_xy))           # (N,)
+    return retrieval_metrics(ranks, ks=ks, distance_error_m=distance_error)
+
+
+def evaluate_scores(scores: Any, target_ids: Any, candidates_xy: Any, target_xy: Any = None,
+                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Classification path (baselines): rank the true location by its score among all candidates.
+
+    Distance error is from the top-1 candidate (highest score, lowest id on ties, i.e. the rank-1
+    candidate) to the true location: `target_xy` when given, else the coordinates of `target_ids`.
+    """
+    candidates_xy = _as_points(candidates_xy, "candidates_xy")
+    if not isinstance(scores, torch.Tensor):
+        scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[1] != len(candidates_xy):
+        raise DataError(f"scores must have shape (N, {len(candidates_xy)}) to match candidates_xy, "
+                        f"got {tuple(scores.shape)}")
+    n_rows, n_candidates = scores.shape
+    ranks = ranks_from_scores(scores, target_ids)                            # validates scores and ids
+    target_ids = _as_target_ids(target_ids, n_rows, n_candidates)
+    # argmax returns the first maximum, i.e. the lowest id among tied scores: the rank-1 candidate
+    top1 = _to_numpy(scores.argmax(dim=1) if isinstance(scores, torch.Tensor) else scores.argmax(axis=1))
+    target_xy = candidates_xy[target_ids] if target_xy is None else _as_points(target_xy, "target_xy")
+    if target_xy.shape != (n_rows, 2):
+        raise DataError(f"target_xy must have shape ({n_rows}, 2) like the scores' rows, "
+                        f"got {target_xy.shape}")
+    distance_error = np.sqrt(squared_distance(candidates_xy[top1.astype(np.int64)], target_xy))  # (N,)
+    return retrieval_metrics(ranks, ks=ks, distance_error_m=distance_error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# results tables
+# ---------------------------------------------------------------------------------------------------
+
+def metrics_table(rows: list[dict[str, Any]],
+                  id_columns: Sequence[str] = ("method", "dataset")) -> pd.DataFrame:
+    """Tidy long table (columns: *id_columns, metric, value) from one dict per (method, dataset) run.
+
+    Each row holds its identifiers (by default "method" and "dataset") and any number of numeric
+    metrics, e.g. {"method": "markov", "dataset": "nyc", **retrieval_metrics(...)}. Metric order follows
+    the rows, so the table reads like the results files that feed it.
+    """
+    id_columns = tuple(id_columns)
+    records = []
+    for position, row in enumerate(rows):
+        missing = [c for c in id_columns if c not in row]
+        if missing:
+            raise DataError(f"metrics_table: row {position} lacks identifier keys {missing}; "
+                            f"expected {list(id_columns)} plus numeric metrics")
+        for metric, value in row.items():
+            if metric in id_columns:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise DataError(f"metrics_table: row {position} metric '{metric}' must be a number, "
+                                f"got {type(value).__name__}")
+            records.append({**{c: row[c] for c in id_columns}, "metric": metric, "value": float(value)})
+    return pd.DataFrame(records, columns=[*id_columns, "metric", "value"])

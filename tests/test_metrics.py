@@ -1,0 +1,246 @@
+"""Retrieval metrics against brute force: every rank here is checked against a full sort of all candidates.
+
+The reference ranking (`reference_order`) sorts every candidate by (squared distance, id) or by
+(-score, id) with np.lexsort, independently of the KD-tree, the disc-counting fast path and the chunked
+counting in nextlocmoe.metrics.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nextlocmoe.errors import ConfigError, DataError
+from nextlocmoe.metrics import (CandidateIndex, evaluate_points, evaluate_scores, metrics_table,
+                                ranks_from_scores, retrieval_metrics)
+
+
+# --- independent reference -------------------------------------------------------------------------
+
+def reference_order(keys: np.ndarray) -> np.ndarray:
+    """(N, L) candidate ids of each row sorted by (key ascending, id ascending)."""
+    ids = np.broadcast_to(np.arange(keys.shape[1]), keys.shape)
+    return np.lexsort((ids, keys), axis=-1)
+
+
+def reference_d2(points: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    return ((points[:, None, :] - candidates[None, :, :]) ** 2).sum(-1)  # (N, L)
+
+
+def reference_ranks(order: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return np.argmax(order == targets[:, None], axis=1) + 1
+
+
+def grid_case(rng, side=9, n_points=300, duplicates=5):
+    """Candidates on an integer grid (plus exact duplicates); points on grid points and midpoints."""
+    gx, gy = np.meshgrid(np.arange(side), np.arange(side))
+    candidates = np.stack([gx.ravel(), gy.ravel()], 1).astype(float)
+    candidates = np.concatenate([candidates, candidates[rng.choice(len(candidates), duplicates)]])
+    candidates = candidates[rng.permutation(len(candidates))]             # ids unrelated to position
+    points = rng.integers(-1, 2 * side + 1, size=(n_points, 2)) / 2.0     # grid points and midpoints
+    return candidates, points
+
+
+# --- hand-computed cases ---------------------------------------------------------------------------
+
+def test_three_candidates_on_a_line_by_hand():
+    index = CandidateIndex([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    points = np.array([[4.0, 0.0], [5.0, 0.0], [15.0, 3.0], [30.0, 0.0]])
+    dist, idx = index.topk(points, 3)
+    # x=5 ties candidates 0 and 1 (lower id first); (15, 3) ties 1 and 2
+    assert idx.tolist() == [[0, 1, 2], [0, 1, 2], [1, 2, 0], [2, 1, 0]]
+    assert np.allclose(dist[0], [4, 6, 16]) and np.allclose(dist[3], [10, 20, 30])
+    assert np.allclose(dist[2], [math.hypot(5, 3), math.hypot(5, 3), math.hypot(15, 3)])
+    assert index.rank_of(points, [1, 1, 2, 0]).tolist() == [2, 2, 2, 3]
+    assert index.rank_of(points, [0, 0, 1, 2]).tolist() == [1, 1, 1, 1]
+
+
+def test_metric_values_by_hand():
+    metrics = retrieval_metrics(np.array([1, 2, 3, 25]), distance_error_m=[0.0, 10.0, 20.0, 50.0])
+    assert metrics["n"] == 4
+    assert metrics["hit@1"] == 0.25 and metrics["hit@5"] == 0.75 and metrics["hit@20"] == 0.75
+    assert metrics["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 25) / 4)
+    assert metrics["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / 2) / 4)
+    assert metrics["ndcg@20"] == metrics["ndcg@5"]
+    assert metrics["dist_mean_m"] == 20.0 and metrics["dist_median_m"] == 15.0
+    expected_keys = {"hit@1", "hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr",
+                     "dist_mean_m", "dist_median_m", "n"}
+    assert set(metrics) == expected_keys
+    assert set(retrieval_metrics(np.array([1]))) == expected_keys - {"dist_mean_m", "dist_median_m"}
+
+
+def test_scores_by_hand_with_ties():
+    scores = np.array([[0.5, 0.9, 0.9, 0.1], [2.0, 2.0, 2.0, 2.0]])
+    assert ranks_from_scores(scores, [2, 3]).tolist() == [2, 4]
+    assert ranks_from_scores(scores, [1, 0]).tolist() == [1, 1]
+
+
+# --- brute force on random inputs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 10, 50])
+def test_topk_and_ranks_match_brute_force_continuous(k):
+    rng = np.random.default_rng(k)
+    candidates = rng.uniform(-5000, 5000, size=(300, 2))
+    points = rng.normal(0, 3000, size=(200, 2))
+    index = CandidateIndex(candidates)
+    order = reference_order(reference_d2(points, candidates))
+    dist, idx = index.topk(points, k)
+    assert np.array_equal(idx, order[:, :k])
+    assert np.allclose(dist, np.linalg.norm(points[:, None] - candidates[idx], axis=-1))
+    targets = rng.integers(0, len(candidates), len(points))
+    assert np.array_equal(index.rank_of(points, targets), reference_ranks(order, targets))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 8, 9, 30, 86])
+def test_topk_matches_brute_force_with_many_ties(k):
+    rng = np.random.default_rng(100 + k)
+    candidates, points = grid_case(rng)
+    index = CandidateIndex(candidates)
+    order = reference_order(reference_d2(points, candidates))
+    dist, idx = index.topk(points, k)
+    assert np.array_equal(idx, order[:, :k])
+    # the j-th retrieved candidate has rank j + 1: topk and rank_of share one tie rule
+    for j in range(k):
+        assert np.array_equal(index.rank_of(points, idx[:, j]), np.full(len(points), j + 1))
+
+
+def test_ranks_match_brute_force_with_many_ties_and_small_chunks():
+    rng = np.random.default_rng(7)
+    candidates, points = grid_case(rng, side=11, n_points=400)
+    targets = rng.integers(0, len(candidates), len(points))
+    expected = reference_ranks(reference_order(reference_d2(points, candidates)), targets)
+    for chunk in (1, 37, 1 << 22):
+        index = CandidateIndex(candidates, max_chunk_elements=chunk)
+        assert np.array_equal(index.rank_of(points, targets), expected)
+
+
+def test_ranks_exact_far_from_origin_and_at_tiny_distances():
+    """Metre coordinates ~1e5 with millimetre spacing: the fast path must defer to the exact count."""
+    rng = np.random.default_rng(3)
+    candidates = 1e5 + rng.uniform(0, 1e-2, size=(200, 2))
+    candidates[::7] = candidates[1::7][: len(candidates[::7])]           # exact duplicates
+    points = np.concatenate([candidates[:50], 1e5 + rng.uniform(0, 1e-2, size=(100, 2))])
+    targets = rng.integers(0, len(candidates), len(points))
+    order = reference_order(reference_d2(points, candidates))
+    index = CandidateIndex(candidates)
+    assert np.array_equal(index.rank_of(points, targets), reference_ranks(order, targets))
+    assert np.array_equal(index.topk(points, 5)[1], order[:, :5])
+
+
+def test_ranks_from_scores_match_brute_force_with_ties():
+    rng = np.random.default_rng(11)
+    scores = rng.integers(0, 4, size=(250, 60)).astype(np.float32)      # 4 levels over 60 candidates
+    targets = rng.integers(0, 60, 250)
+    expected = reference_ranks(reference_order(-scores.astype(np.float64)), targets)
+    assert np.array_equal(ranks_from_scores(scores, targets), expected)
+    assert np.array_equal(ranks_from_scores(scores, targets, max_chunk_elements=61), expected)
+    assert np.array_equal(ranks_from_scores(torch.from_numpy(scores).bfloat16(), torch.from_numpy(targets)),
+                          expected)
+
+
+def test_hit_at_k_monotone_and_bounds():
+    rng = np.random.default_rng(5)
+    ranks = rng.integers(1, 40, size=500)
+    ks = (1, 2, 3, 5, 10, 20, 30, 50)
+    metrics = retrieval_metrics(ranks, ks=ks)
+    hits = [metrics[f"hit@{k}"] for k in ks]
+    assert all(a <= b for a, b in zip(hits, hits[1:])) and hits[-1] == 1.0
+    for k in ks[1:]:
+        assert 0.0 <= metrics[f"ndcg@{k}"] <= metrics[f"hit@{k}"]
+    assert metrics["hit@1"] <= metrics["mrr"] <= 1.0
+
+
+# --- the two evaluation paths agree ----------------------------------------------------------------
+
+def test_points_and_scores_paths_agree():
+    rng = np.random.default_rng(21)
+    candidates, points = grid_case(rng, side=8, n_points=200, duplicates=0)
+    targets = rng.integers(0, len(candidates), len(points))
+    index = CandidateIndex(candidates)
+    scores = -reference_d2(points, candidates)                            # nearer = higher score
+    by_points = evaluate_points(points, targets, index)
+    by_scores = evaluate_scores(scores, targets, candidates)
+    ranking_keys = [key for key in by_points if not key.startswith("dist_")]
+    assert {key: by_points[key] for key in ranking_keys} == {key: by_scores[key] for key in ranking_keys}
+    # predicted points that sit on a candidate: the top-1 candidate is the point, so distances agree too
+    on_candidates = candidates[rng.integers(0, len(candidates), 100)]
+    targets = rng.integers(0, len(candidates), 100)
+    assert evaluate_points(on_candidates, targets, index) == pytest.approx(
+        evaluate_scores(torch.from_numpy(-reference_d2(on_candidates, candidates)), targets, candidates))
+
+
+def test_distance_errors():
+    candidates = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    index = CandidateIndex(candidates)
+    pred = np.array([[30.0, 40.0], [100.0, 10.0]])
+    metrics = evaluate_points(pred, [0, 1], index)
+    assert metrics["dist_mean_m"] == pytest.approx((50.0 + 10.0) / 2)
+    metrics = evaluate_points(pred, [0, 1], index, target_xy=[[30.0, 40.0], [100.0, 0.0]])
+    assert metrics["dist_mean_m"] == pytest.approx(5.0) and metrics["dist_median_m"] == pytest.approx(5.0)
+    scores = np.array([[0.0, 1.0, 1.0], [3.0, 2.0, 1.0]])                 # top-1: candidate 1 (tie), 0
+    metrics = evaluate_scores(scores, [2, 1], candidates)
+    assert metrics["dist_mean_m"] == pytest.approx((math.hypot(100, 100) + 100.0) / 2)
+    assert metrics["hit@1"] == 0.0 and metrics["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+
+
+# --- tables and validation -------------------------------------------------------------------------
+
+def test_metrics_table_is_long_and_lossless():
+    rows = [{"method": "markov", "dataset": "nyc", **retrieval_metrics(np.array([1, 3, 7]))},
+            {"method": "lstm", "dataset": "synthetic", **retrieval_metrics(np.array([2, 2]))}]
+    table = metrics_table(rows)
+    assert list(table.columns) == ["method", "dataset", "metric", "value"]
+    assert len(table) == sum(len(row) - 2 for row in rows)
+    wide = table.pivot(index=["method", "dataset"], columns="metric", values="value")
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("method", "dataset"):
+                assert wide.loc[(row["method"], row["dataset"]), key] == pytest.approx(value)
+    assert isinstance(metrics_table([]), pd.DataFrame) and metrics_table([]).empty
+
+
+def test_bad_input_raises_clear_errors():
+    index = CandidateIndex(np.zeros((4, 2)) + np.arange(4)[:, None])
+    with pytest.raises(DataError, match="points"):
+        index.topk(np.zeros((3, 3)), 1)
+    with pytest.raises(DataError, match="NaN"):
+        index.rank_of([[np.nan, 0.0]], [0])
+    with pytest.raises(DataError, match=r"target_ids must lie in \[0, 4\)"):
+        index.rank_of(np.zeros((2, 2)), [0, 4])
+    with pytest.raises(DataError, match="integer"):
+        index.rank_of(np.zeros((2, 2)), [0.0, 1.0])
+    with pytest.raises(DataError, match="shape"):
+        index.rank_of(np.zeros((2, 2)), [0])
+    with pytest.raises(ConfigError, match="k must be"):
+        index.topk(np.zeros((2, 2)), 5)
+    with pytest.raises(ConfigError, match="k must be"):
+        index.topk(np.zeros((2, 2)), 0)
+    with pytest.raises(ConfigError, match="ks"):
+        retrieval_metrics(np.array([1, 2]), ks=(0, 5))
+    with pytest.raises(DataError, match="ranks must be >= 1"):
+        retrieval_metrics(np.array([0, 2]))
+    with pytest.raises(DataError, match="NaN"):
+        ranks_from_scores(np.array([[0.0, np.nan]]), [0])
+    with pytest.raises(DataError, match="candidates_xy"):
+        evaluate_scores(np.zeros((2, 3)), [0, 1], np.zeros((4, 2)))
+    with pytest.raises(DataError, match="candidates_xy is empty"):
+        CandidateIndex(np.zeros((0, 2)))
+    with pytest.raises(DataError, match="method"):
+        metrics_table([{"dataset": "nyc", "mrr": 0.1}])
+    with pytest.raises(DataError, match="'note' must be a number"):
+        metrics_table([{"method": "m", "dataset": "d", "note": "x"}])
+
+
+def test_topk_when_a_tie_straddles_every_query_size():
+    """30 copies of one location around the query point: the tree must be asked until the tie resolves."""
+    rng = np.random.default_rng(13)
+    candidates = rng.uniform(-100, 100, size=(400, 2))
+    copies = rng.choice(len(candidates), 30, replace=False)
+    candidates[copies] = [3.0, -7.0]
+    points = np.array([[3.0, -7.0], [3.5, -7.0], [3.0, -7.25]])
+    order = reference_order(reference_d2(points, candidates))
+    index = CandidateIndex(candidates)
+    for k in (1, 3, 5, 12, 29, 30, 31, 45):
+        assert np.array_equal(index.topk(points, k)[1], order[:, :k]), k
