@@ -1,0 +1,219 @@
+"""Prepared data: windows cached on disk, and the per-dataset statistics table (experiment 1).
+
+`prepare(cfg)` = resolve the config, load the records (`sources.load_records`), build the windows
+(`windows.make_windows`), and keep the result under `.cache/windows/<source>-<key>/`. The key hashes the
+resolved config, the checksum of the raw file and `WINDOWS_FORMAT_VERSION`, so editing the data file or
+any parameter that shapes the windows never reuses a stale entry. An entry is written into a hidden
+temporary folder and renamed into place in one step: a run that dies halfway leaves only a temporary
+folder, which no reader ever opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+from ..io import file_sha256, provenance, stable_hash, write_json_atomic, write_text_atomic
+from .config import DataConfig
+from .windows import SPLITS, NormStats, Windows, make_windows
+
+# Bump whenever make_windows or the cache layout changes what an entry holds: old entries then miss.
+WINDOWS_FORMAT_VERSION = 1
+
+_ARRAY_FIELDS = ("x", "y", "weekday", "hour", "duration", "location", "subuser", "timestamp",
+                 "candidates", "candidate_function", "subuser_user")
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache key
+
+def raw_file(cfg: DataConfig) -> Path | None:
+    """The raw file a source reads (None for generated data)."""
+    if cfg.source == "synthetic":
+        return None
+    if cfg.source == "nyc_foursquare" and not cfg.path:
+        from .sources import nyc_sample_path
+        return nyc_sample_path()
+    return Path(cfg.path).expanduser()
+
+
+def raw_checksum(cfg: DataConfig) -> str:
+    """sha256 of the raw file; for synthetic data, of the generator's source (its parameters are in the key)."""
+    path = raw_file(cfg)
+    if path is None:
+        generator = Path(__file__).with_name("synthetic.py")
+        return file_sha256(generator) if generator.exists() else "generated"
+    if not path.is_file():
+        raise DataError(f"data.path='{path}' (source '{cfg.source}') does not exist or is not a file")
+    return file_sha256(path)
+
+
+def key_config(cfg: DataConfig) -> dict[str, Any]:
+    """The whole resolved config: a field the source ignores costs at most a rebuild, never a stale cache."""
+    d = cfg.to_dict()
+    d["split_fractions"] = [float(f) for f in d["split_fractions"]]
+    return d
+
+
+def cache_key(cfg: DataConfig, checksum: str) -> str:
+    """stable_hash of (resolved config, raw-file checksum, WINDOWS_FORMAT_VERSION)."""
+    return stable_hash({"config": key_config(cfg), "raw_checksum": checksum,
+                        "format_version": WINDOWS_FORMAT_VERSION})
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache entries: <cache_dir>/<source>-<key>/{arrays.npz, meta.json}
+
+def save_windows(windows: Windows, entry: str | os.PathLike) -> Path:
+    """Write `windows` to the folder `entry` atomically (temporary folder, then one rename)."""
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache entry is as readable as any other folder
+        arrays = {name: getattr(windows, name) for name in _ARRAY_FIELDS}
+        arrays.update({f"starts_{split}": windows.starts[split] for split in SPLITS})
+        np.savez(tmp / "arrays.npz", **arrays)
+        meta = {"format_version": WINDOWS_FORMAT_VERSION, "history": windows.history,
+                "current": windows.current, "stats": dataclasses.asdict(windows.stats), "meta": windows.meta}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        if entry.exists():  # force=True, or a concurrent run finished first: replace in two renames
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{entry.name}-", dir=entry.parent))
+            os.replace(entry, trash / "entry")
+            os.replace(tmp, entry)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def load_windows(entry: str | os.PathLike, key: str | None = None) -> Windows | None:
+    """Read a cache entry; None when it is absent, incomplete, of another format or another key."""
+    entry = Path(entry)
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("format_version") != WINDOWS_FORMAT_VERSION:
+            return None
+        if key is not None and meta["meta"].get("cache_key") != key:
+            return None
+        with np.load(entry / "arrays.npz", allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        return Windows(
+            **{name: arrays[name] for name in _ARRAY_FIELDS},
+            starts={split: arrays[f"starts_{split}"] for split in SPLITS},
+            history=int(meta["history"]), current=int(meta["current"]),
+            stats=NormStats(**meta["stats"]), meta=meta["meta"],
+        )
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # truncated zip, bad JSON, missing array...: a miss, rebuilt by the caller
+        print(f"windows: ignoring unreadable cache entry {entry} ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
+def prepare(cfg: DataConfig, cache_dir: str | os.PathLike = ".cache/windows", force: bool = False) -> Windows:
+    """Windows of `cfg`'s dataset, from the cache when an entry for exactly this config and raw file exists."""
+    cfg = cfg.resolved()
+    checksum = raw_checksum(cfg)
+    key = cache_key(cfg, checksum)
+    entry = Path(cache_dir) / f"{cfg.source}-{key}"
+    if not force:
+        cached = load_windows(entry, key)
+        if cached is not None:
+            print(f"windows: cache hit {entry}", file=sys.stderr)
+            return cached
+    from . import sources  # imported here: the sources pull in their readers
+
+    data = sources.load_records(cfg)
+    windows = make_windows(data, cfg)
+    if raw_checksum(cfg) != checksum:  # the file changed while we read it: never file it under the old key
+        print(f"windows: the raw file of source '{cfg.source}' changed while it was read; not cached",
+              file=sys.stderr)
+        return windows
+    windows.meta.update(cache_key=key, raw_checksum=checksum, format_version=WINDOWS_FORMAT_VERSION)
+    save_windows(windows, entry)
+    print(f"windows: built and cached {entry}", file=sys.stderr)
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics table (experiment 1)
+
+def _split_protocol(cfg: dict[str, Any]) -> str:
+    fractions = "/".join(f"{round(100 * f):g}" for f in cfg["split_fractions"])
+    return f"{cfg['split']} {fractions}"
+
+
+def dataset_statistics(windows_list: list[Windows]) -> pd.DataFrame:
+    """One row per dataset: users, sub-users, records, locations, windows per split and the protocol.
+
+    `users` and `records` count what the source loaded; `sub-users` and `records in sub-users` count what
+    survives cutting at `gap_hours` and dropping short segments (paper, Kumamoto: 17,965 sub-users).
+    """
+    rows = []
+    for w in windows_list:
+        cfg = w.meta.get("config", {})
+        rows.append({
+            "dataset": w.meta.get("dataset", "?"),
+            "users": w.meta.get("raw_users"),
+            "sub-users": w.n_subusers,
+            "records": w.meta.get("raw_records"),
+            "records in sub-users": w.n_records,
+            "locations": w.n_locations,
+            "windows train": w.n_windows("train"),
+            "windows val": w.n_windows("val"),
+            "windows test": w.n_windows("test"),
+            "history": w.history,
+            "current": w.current,
+            "stride": cfg.get("stride"),
+            "keep every": cfg.get("keep_every"),
+            "split": _split_protocol(cfg) if cfg else "?",
+        })
+    df = pd.DataFrame(rows)
+    df.attrs["data_checksum"] = {w.meta.get("dataset", "?"): w.meta.get("checksum") for w in windows_list}
+    df.attrs["cache_key"] = {w.meta.get("dataset", "?"): w.meta.get("cache_key") for w in windows_list}
+    return df
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table; integers get thousands separators."""
+    def cell(v: Any) -> str:
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return f"{int(v):,}"
+        if isinstance(v, (float, np.floating)):
+            return f"{float(v):,.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |",
+             "|" + "|".join(" ---: " if pd.api.types.is_numeric_dtype(df[c]) else " --- " for c in df.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_statistics(df: pd.DataFrame, results_dir: str | os.PathLike = "results",
+                     profile: str = "cpu") -> dict[str, Path]:
+    """Write dataset_statistics.{csv,md,json} (the json is the provenance sidecar) and print the table."""
+    results = Path(results_dir)
+    table = markdown_table(df)
+    paths = {
+        "csv": write_text_atomic(results / "dataset_statistics.csv", df.to_csv(index=False)),
+        "md": write_text_atomic(results / "dataset_statistics.md", table),
+        "json": write_json_atomic(results / "dataset_statistics.json", provenance(
+            profile, data_checksum=df.attrs.get("data_checksum"), cache_key=df.attrs.get("cache_key"),
+            command="nextlocmoe prepare", files=["dataset_statistics.csv", "dataset_statistics.md"])),
+    }
+    print(table)
+    return paths
