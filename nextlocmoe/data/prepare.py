@@ -204,7 +204,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def write_statistics(df: pd.DataFrame, results_dir: str | os.PathLike = "results",
-                     profile: str = "cpu") -> dict[str, Path]:
+                     profile: str = "cpu", seed: int | None = None) -> dict[str, Path]:
     """Write dataset_statistics.{csv,md,json} (the json is the provenance sidecar) and print the table."""
     results = Path(results_dir)
     table = markdown_table(df)
@@ -212,7 +212,7 @@ def write_statistics(df: pd.DataFrame, results_dir: str | os.PathLike = "results
         "csv": write_text_atomic(results / "dataset_statistics.csv", df.to_csv(index=False)),
         "md": write_text_atomic(results / "dataset_statistics.md", table),
         "json": write_json_atomic(results / "dataset_statistics.json", provenance(
-            profile, data_checksum=df.attrs.get("data_checksum"), cache_key=df.attrs.get("cache_key"),
+            profile, seed=seed, data_checksum=df.attrs.get("data_checksum"), cache_key=df.attrs.get("cache_key"),
             command="nextlocmoe prepare", files=["dataset_statistics.csv", "dataset_statistics.md"])),
     }
     print(table)
