@@ -1,0 +1,248 @@
+"""Cost of the Personalized MoE layer against a dense FFN of the same width (DESIGN.md section 4).
+
+Forward + backward time (frozen base weights, gradients to the input and to every trainable parameter) of:
+
+    ffn                   the plain frozen LlamaMLP, the layer the MoE replaces
+    lora_ffn              the same FFN with one LoRA (r=16) on gate/up/down: a NextLocLLM-style dense layer
+    moe_threshold         PersonalizedMoE, 11 experts, threshold routing, gate as initialised (near-uniform
+                          probabilities, so the cap of 5 experts per token binds: the costly case)
+    moe_threshold_sharp   the same with the gate's output scaled until ~2 experts per token are kept, as
+                          after training with the entropy penalty
+    moe_topk2             PersonalizedMoE, top-2 routing
+    naive_threshold       the reference formulation: 11 deep copies of the FFN, every expert on every token
+
+at SmolLM2 width (d 576, ffn 1536; 32 x 80 tokens) and at LLaMA-3.2-3B width (d 3072, ffn 8192; fewer
+tokens on a CPU). Methods are timed round-robin (one repeat of each in turn) after warm-up, so a change in
+background load affects all of them alike; the table gives medians. Target: moe_threshold <= 1.5 x ffn.
+
+Usage:  python benchmarks/bench_moe.py [--device cpu|cuda] [--dtype fp32|bf16] [--repeats 7] [--results results]
+Writes results/bench_moe.csv and results/bench_moe.json (with provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from nextlocmoe.io import provenance, write_json_atomic, write_text_atomic
+from nextlocmoe.model.personalized_moe import (LoRAExpertFFN, NaivePersonalizedMoE, PersonalizedMoE,
+                                               PersonalizedMoEConfig)
+
+HISTORY_DIM = 176   # TCN history summary width (reference)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Width:
+    name: str
+    d_model: int
+    d_ffn: int
+    batch: int
+    seq: int
+
+
+def widths_for(device: str) -> list[Width]:
+    on_gpu = device.startswith("cuda")
+    return [
+        Width("smollm2", 576, 1536, 32, 80),                                          # SmolLM2-135M
+        Width("llama3.2-3b", 3072, 8192, 32 if on_gpu else 2, 80 if on_gpu else 40),  # LLaMA-3.2-3B
+    ]
+
+
+class Timer:
+    """Wall time of a callable; CUDA events (after a synchronise) on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def sharpen_gate(moe: PersonalizedMoE, hidden, history, target_mean: float = 2.0) -> None:
+    """Scale the gate's output layer until threshold routing keeps about `target_mean` experts per token."""
+    with torch.no_grad():
+        for _ in range(20):
+            if moe(hidden, history).selected.sum(-1).float().mean() <= target_mean:
+                return
+            moe.gate.proj_out.weight.mul_(1.5)
+
+
+def build(width: Width, device: str, dtype: torch.dtype, seed: int, lora_dropout: float = 0.02,
+          expert_compute: str = "auto") -> dict[str, tuple[nn.Module, bool]]:
+    """Every method at this width: name -> (module, is_moe)."""
+    torch.manual_seed(seed)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=width.d_model, intermediate_size=width.d_ffn)).to(device, dtype)
+    mlp.requires_grad_(False)
+    role_keys = torch.randn(11, width.d_model)
+    cfg = PersonalizedMoEConfig(lora_dropout=lora_dropout)
+
+    def moe(**overrides) -> PersonalizedMoE:
+        layer_cfg = PersonalizedMoEConfig(lora_dropout=lora_dropout, expert_compute=expert_compute, **overrides)
+        layer = PersonalizedMoE(mlp, HISTORY_DIM, role_keys, layer_cfg).to(device, dtype)
+        with torch.no_grad():   # non-zero B, as after some training (B = 0 would not change the cost)
+            for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
+                getattr(layer, name).normal_(0.0, 0.01)
+        return layer
+
+    lora_ffn = LoRAExpertFFN(mlp, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout).to(device, dtype)
+    threshold = moe()
+    sharp = moe()
+    sharp.gate.load_state_dict(threshold.gate.state_dict())
+    return {
+        "ffn": (mlp, False),
+        "lora_ffn": (lora_ffn, False),
+        "moe_threshold": (threshold, True),
+        "moe_threshold_sharp": (sharp, True),
+        "moe_topk2": (moe(routing="topk"), True),
+        "naive_threshold": (NaivePersonalizedMoE.from_efficient(threshold), True),
+    }
+
+
+def bench_width(width: Width, device: str, dtype: torch.dtype, repeats: int, warmup: int, seed: int,
+                lora_dropout: float, expert_compute: str) -> list[dict]:
+    methods = build(width, device, dtype, seed, lora_dropout, expert_compute)
+    hidden = torch.randn(width.batch, width.seq, width.d_model, device=device, dtype=dtype)   # (B, T, D)
+    history = torch.randn(width.batch, HISTORY_DIM, device=device, dtype=dtype)              # (B, D_h)
+    readout = torch.randn_like(hidden)
+    sharpen_gate(methods["moe_threshold_sharp"][0], hidden, history)
+    for module, _ in methods.values():
+        module.train()
+
+    selections: dict[str, torch.Tensor] = {}   # read after timing: .item() inside a step would sync the GPU
+
+    def step(name: str) -> Callable[[], None]:
+        module, is_moe = methods[name]
+
+        def run() -> None:
+            x = hidden.detach().requires_grad_(True)
+            if is_moe:
+                out = module(x, history)
+                loss = (out.output * readout).sum() + out.entropy
+                selections[name] = out.selected
+            else:
+                loss = (module(x) * readout).sum()
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+        return run
+
+    timer = Timer(device)
+    runs = {name: step(name) for name in methods}
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in tqdm(range(repeats), desc=f"{width.name} ({width.batch}x{width.seq} tokens)", file=sys.stderr):
+        for name, run in runs.items():
+            times[name].append(timer(run))
+
+    active = {name: sel.sum(-1).float().mean().item() for name, sel in selections.items()}
+    ffn_ms = statistics.median(times["ffn"]) * 1e3
+    lora_ms = statistics.median(times["lora_ffn"]) * 1e3
+    rows = []
+    for name, (module, _) in methods.items():
+        ms = statistics.median(times[name]) * 1e3
+        rows.append({
+            "width": width.name, "d_model": width.d_model, "d_ffn": width.d_ffn,
+            "tokens": width.batch * width.seq, "method": name,
+            "median_ms": round(ms, 3), "min_ms": round(min(times[name]) * 1e3, 3),
+            "max_ms": round(max(times[name]) * 1e3, 3),
+            "x_ffn": round(ms / ffn_ms, 3), "x_lora_ffn": round(ms / lora_ms, 3),
+            "active_experts": round(active[name], 2) if name in active else None,
+            "expert_compute": resolved_compute(module, device),
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "weight_params": sum(p.numel() for p in module.parameters()),
+        })
+    return rows
+
+
+def resolved_compute(module: nn.Module, device: str) -> str:
+    if isinstance(module, PersonalizedMoE):
+        compute = module.cfg.expert_compute
+        return ("slots" if device.startswith("cuda") else "grouped") if compute == "auto" else compute
+    return "naive" if isinstance(module, NaivePersonalizedMoE) else "dense"
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    columns = list(rows[0])
+    out.write(",".join(columns) + "\n")
+    for row in rows:
+        out.write(",".join("" if row[c] is None else str(row[c]) for c in columns) + "\n")
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per method (medians reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--widths", default="smollm2,llama3.2-3b", help="comma-separated subset of the widths")
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size of every width")
+    parser.add_argument("--seq", type=int, default=None, help="override the tokens per sample of every width")
+    parser.add_argument("--results", default="results", help="folder for bench_moe.csv/.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: every core available). On a machine that other jobs keep busy, "
+                             "fewer threads than cores avoids stalls at each operator's thread barrier")
+    parser.add_argument("--expert-compute", default="auto", choices=["auto", "grouped", "slots"],
+                        help="PersonalizedMoE's computation (auto: slots on CUDA, grouped on CPU)")
+    parser.add_argument("--lora-dropout", type=float, default=0.02,
+                        help="LoRA dropout of every method (reference 0.02; layers run in training mode)")
+    args = parser.parse_args(argv)
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or available
+    torch.set_num_threads(threads)
+    dtype = DTYPES[args.dtype]
+    chosen = set(args.widths.split(","))
+    rows = []
+    for width in widths_for(args.device):
+        if width.name in chosen:
+            width.batch = args.batch or width.batch
+            width.seq = args.seq or width.seq
+            rows += bench_width(width, args.device, dtype, args.repeats, args.warmup, args.seed, args.lora_dropout,
+                                args.expert_compute)
+
+    header = f"{'width':12s} {'tokens':>6s} {'method':20s} {'median ms':>10s} {'x ffn':>7s} {'x lora_ffn':>10s} {'experts':>7s}"
+    print(header)
+    for r in rows:
+        experts = "" if r["active_experts"] is None else f"{r['active_experts']:.2f}"
+        print(f"{r['width']:12s} {r['tokens']:6d} {r['method']:20s} {r['median_ms']:10.2f} {r['x_ffn']:7.2f} "
+              f"{r['x_lora_ffn']:10.2f} {experts:>7s}")
+
+    write_text_atomic(os.path.join(args.results, "bench_moe.csv"), to_csv(rows))
+    write_json_atomic(os.path.join(args.results, "bench_moe.json"), {
+        "provenance": provenance("bench", seed=args.seed, device_arg=args.device, dtype=args.dtype,
+                                 threads=threads, repeats=args.repeats, warmup=args.warmup,
+                                 lora_dropout=args.lora_dropout, expert_compute=args.expert_compute),
+        "rows": rows,
+    })
+    return rows
+
+
+if __name__ == "__main__":
+    main()

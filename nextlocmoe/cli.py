@@ -1,0 +1,80 @@
+"""Command line: `nextlocmoe prepare|train|evaluate --profile ... [--config FILE] [--set section.field=value]`.
+
+Errors a user can fix (missing file, bad column, unknown parameter) print one line naming what is wrong
+and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PROFILES, load_config
+from .errors import NextLocMoEError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
+                   help="named configuration (default: cpu = New York check-ins + SmolLM2 on 2 cores)")
+    p.add_argument("--config", default=None, help="YAML file overriding the profile (sections data/model/train)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one field, e.g. --set train.epochs=2 --set data.path=cityD.csv (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextlocmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="load the profile's data, build windows (cached), write the statistics table")
+    _add_common(p)
+    p.add_argument("--results", default="results", help="directory of results files (default: results)")
+    p.add_argument("--force", action="store_true", help="rebuild the windows even if cached")
+
+    p = sub.add_parser("train", help="train NextLocMoE, keep the best checkpoint, evaluate it on the test split")
+    _add_common(p)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+    p = sub.add_parser("evaluate", help="evaluate the best checkpoint of a run directory")
+    _add_common(p)
+    p.add_argument("--out", default=None, help="run directory holding best.pt (default: runs/<profile>)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.profile, args.config, args.overrides)
+        if args.command == "prepare":
+            from .data.prepare import dataset_statistics, prepare, write_statistics
+
+            windows = prepare(cfg.data, force=args.force)
+            write_statistics(dataset_statistics([windows]), results_dir=args.results, profile=cfg.profile,
+                             seed=cfg.data.seed)
+        elif args.command == "train":
+            from .train import train
+
+            out = Path(args.out or f"runs/{cfg.profile}")
+            result = train(cfg, out, resume=args.resume)
+            print(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test,
+                              "wall_s": round(result.wall_s, 1), "run_dir": str(out)}, indent=2))
+        elif args.command == "evaluate":
+            from .train import evaluate_checkpoint
+
+            out = Path(args.out or f"runs/{cfg.profile}")
+            print(json.dumps(evaluate_checkpoint(cfg, out, split=args.split), indent=2))
+    except NextLocMoEError as e:
+        print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nextlocmoe {args.command}: interrupted (checkpoints are written atomically; use --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

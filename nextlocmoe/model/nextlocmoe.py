@@ -1,0 +1,355 @@
+"""NextLocMoE: the whole model, assembled top-down like the paper's architecture figure (paper Sec. 4).
+
+    history records S_h (B, 40) --TokenFeatures--> (B, 40, 176) --HistoryRouter (causal TCN)--> h (B, 176)
+            |                                          +--history_projection--> 40 history tokens (B, 40, D)
+    current records S_c (B, 5)  --TokenFeatures--> (B, 5, 176)
+            |     coordinates replaced by LocationSemanticsMoE([h ; features])  (Sec. 4.1)
+            +--current_projection--> 5 current tokens (B, 5, D)
+    [task prompt tokens ; 40 history tokens ; 5 current tokens]                   causal self-attention
+        --> frozen LLaMA decoder layers; at layers 8 and 10 the FFN is a PersonalizedMoE(token, h) (Sec. 4.2)
+        --> final RMSNorm (float32) on the last token = the prediction state
+        --> RegressionHead: (x, y) in metres, matched to places by a KD-tree (paper, Sec. 4.4)
+            or RankingHead: a score per candidate place (this project's extension)
+
+The transformer layers are transformers' own LlamaDecoderLayer modules, called in our loop so that the
+Personalized MoE can receive h; attention, rotary embeddings and the causal mask are the library's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.masking_utils import create_causal_mask
+
+from ..data.schema import FUNCTIONS
+from ..errors import ConfigError, DataError
+from .backbone import Backbone, embed_text, embed_tokens, freeze_like_paper, load_backbone
+from .config import ModelConfig
+from .features import TokenFeatures, TokenProjections
+from .heads import RankingHead, RegressionHead, final_norm_float32
+from .history_router import HistoryRouter
+from .location_moe import LocationSemanticsMoE
+from .personalized_moe import MoEOutput, PersonalizedMoE
+from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_names
+
+BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
+              "cur_xy", "cur_weekday", "cur_hour", "cur_duration")
+
+
+class ModelOutput(NamedTuple):
+    pred_xy: torch.Tensor | None         # (B, 2) float32 metres (regression head), else None
+    scores: torch.Tensor | None          # (B, L) float32 candidate scores (ranking head), else None
+    location_moe: MoEOutput | None       # Location Semantics MoE on the current tokens, None when switched off
+    personalized: list[MoEOutput]        # one per Personalized MoE layer, in layer order ([] when switched off)
+    history: torch.Tensor                # (B, 176) history summary h (zeros without the history router)
+
+
+def causal_attention_mask(config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor):
+    """transformers' own causal mask for this config's attention implementation (None means sdpa's is_causal).
+
+    The helper's keywords changed across transformers versions (input_embeds -> inputs_embeds, cache_position
+    dropped); we pass whichever this version takes.
+    """
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs: dict[str, Any] = dict(config=config, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    return create_causal_mask(**kwargs)
+
+
+def distinct_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """(N, D) mean-pooled description embeddings -> the same with their common part removed, unit RMS overall.
+
+    Mean-pooling the input embeddings of several paragraphs of ordinary English gives vectors dominated by
+    what the paragraphs share (SmolLM2: cosine similarity ~0.9 between any two of our function or role
+    descriptions). Used raw, as in the reference, the five function experts start almost identical and the
+    role keys barely separate the experts in the P-MoE gate. Subtracting the mean over the set keeps what
+    distinguishes each description; one common scale (not per vector) keeps their relative lengths.
+    With a single description there is nothing to contrast, and only the scale is set.
+    """
+    embeddings = embeddings.float()
+    if embeddings.shape[0] > 1:
+        embeddings = embeddings - embeddings.mean(dim=0, keepdim=True)
+    return embeddings / embeddings.pow(2).mean().sqrt().clamp_min(1e-12)
+
+
+class NextLocMoE(nn.Module):
+    """LLaMA backbone + Location Semantics MoE + Personalized MoE + history-aware router (paper Sec. 4)."""
+
+    def __init__(self, cfg: ModelConfig, backbone: Backbone, norm_stats: Any,
+                 candidates_xy: Any = None, candidate_function: Any = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone_name, self.backbone_source = backbone.name, backbone.source
+
+        # --- backbone: frozen like the paper (embeddings, attention, FFNs); RMSNorms stay trainable
+        freeze_like_paper(backbone.model)
+        self.llama = backbone.model.model                        # LlamaModel: embed_tokens, layers, norm, rotary_emb
+        d_model = self.llama.config.hidden_size
+        num_layers = len(self.llama.layers)
+        bad = [i for i in cfg.pmoe_layers if i >= num_layers] if cfg.use_personalized_moe else []
+        if bad:
+            raise ConfigError(f"model.pmoe_layers={list(cfg.pmoe_layers)}: layers {bad} do not exist in backbone "
+                              f"'{backbone.name}' truncated to {num_layers} layers")
+        self.backbone_dtype = self.llama.embed_tokens.weight.dtype
+
+        # --- texts through the frozen input-embedding table (no transformer pass)
+        if cfg.use_prompt:
+            self.register_buffer("prompt_embeddings", embed_tokens(backbone, TASK_PROMPT), persistent=False)  # (P, D)
+        else:
+            self.prompt_embeddings = None
+
+        # --- token features, history-aware router, Location Semantics MoE (Sec. 4.1, 4.3)
+        self.token_features = TokenFeatures(cfg.coord_dim, cfg.time_dim)
+        self.history_router = (HistoryRouter(cfg.token_dim, cfg.tcn_channels, cfg.tcn_kernel_size, cfg.tcn_dropout)
+                               if cfg.use_history_router else None)
+        self.location_moe = None
+        if cfg.use_location_moe:
+            descriptions = torch.stack([embed_text(backbone, FUNCTION_DESCRIPTIONS[f]) for f in FUNCTIONS])  # (5, D)
+            if cfg.center_text_embeddings:
+                descriptions = distinct_text_embeddings(descriptions)
+            self.location_moe = LocationSemanticsMoE(descriptions, cfg.history_dim, cfg.token_dim, cfg.coord_dim,
+                                                     cfg.location_gate_hidden, cfg.location_top_k, seed=cfg.seed)
+        self.token_projections = TokenProjections(cfg.token_dim, d_model)
+
+        # --- Personalized MoE replacing the FFN of the chosen layers (Sec. 4.2); the base FFN is shared, frozen
+        self.personalized_moe = nn.ModuleDict()
+        if cfg.use_personalized_moe:
+            roles = role_names(cfg.personalized.num_experts)
+            role_keys = torch.stack([embed_text(backbone, ROLE_DESCRIPTIONS[r]) for r in roles])  # (E, D)
+            if cfg.center_text_embeddings:
+                role_keys = distinct_text_embeddings(role_keys)
+            for i in sorted(cfg.pmoe_layers):
+                self.personalized_moe[str(i)] = PersonalizedMoE(self.llama.layers[i].mlp, cfg.history_dim,
+                                                                role_keys, cfg.personalized)
+        self.role_names = role_names(cfg.personalized.num_experts) if cfg.use_personalized_moe else ()
+
+        # --- candidates (needed by the ranking head and by predict_scores of the regression head)
+        self.norm_stats = {k: float(norm_stats[k] if isinstance(norm_stats, dict) else getattr(norm_stats, k))
+                           for k in ("x_mean", "x_std", "y_mean", "y_std")}
+        if not (self.norm_stats["x_std"] > 0 and self.norm_stats["y_std"] > 0):
+            raise DataError(f"norm_stats x_std and y_std must be > 0 (metres), got {self.norm_stats}")
+        self.candidates_xy = None if candidates_xy is None else self._check_candidates(candidates_xy)  # (L, 2) float64
+        self.candidate_function = None
+        if candidate_function is not None:
+            self.candidate_function = np.asarray(candidate_function, dtype=np.int64)
+            num_candidates = 0 if self.candidates_xy is None else len(self.candidates_xy)
+            if self.candidate_function.shape != (num_candidates,):
+                raise DataError(f"candidate_function must have shape (L,) = ({num_candidates},) matching "
+                                f"candidates_xy, got {self.candidate_function.shape}")
+            if ((self.candidate_function < -1) | (self.candidate_function >= len(FUNCTIONS))).any():
+                raise DataError(f"candidate_function must hold indices into FUNCTIONS (0..{len(FUNCTIONS) - 1}) "
+                                "or -1 for unknown")
+
+        # --- head (Sec. 4.4)
+        if cfg.head == "regression":
+            self.head = RegressionHead(d_model, norm_stats)
+        else:
+            if self.candidates_xy is None or self.candidate_function is None:
+                raise ConfigError("model.head='ranking' needs candidates_xy (L, 2) and candidate_function (L,)")
+            self.head = RankingHead(d_model, self._zscore(self.candidates_xy), torch.from_numpy(self.candidate_function),
+                                    cfg.coord_dim, cfg.ranking_dim, cfg.ranking_fourier_features,
+                                    cfg.ranking_fourier_max_scale, cfg.ranking_id_embedding, seed=cfg.seed)
+
+        # Everything inside the backbone runs in the backbone's dtype; new modules outside it stay float32.
+        self.personalized_moe.to(self.backbone_dtype)
+
+    # ------------------------------------------------------------------------------------------------------
+    # inputs
+
+    def _check_candidates(self, candidates_xy: Any) -> np.ndarray:
+        xy = np.asarray(candidates_xy, dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0 or not np.isfinite(xy).all():
+            raise DataError(f"candidates_xy must be a finite (L, 2) array of metres with L >= 1, got shape {xy.shape}")
+        return xy
+
+    def _zscore(self, xy: np.ndarray) -> torch.Tensor:
+        s = self.norm_stats
+        z = np.stack([(xy[:, 0] - s["x_mean"]) / s["x_std"], (xy[:, 1] - s["y_mean"]) / s["y_std"]], axis=1)
+        return torch.from_numpy(z).float()                                         # (L, 2)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llama.embed_tokens.weight.device
+
+    def embed_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, MoEOutput | None]:
+        """Batch -> (token sequence (B, P + H + C, D) float32, h (B, 176), Location MoE output or None)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise DataError(f"batch lacks keys {missing}; expected {list(BATCH_KEYS)}")
+        b = {k: batch[k].to(self.device) for k in BATCH_KEYS}
+        cfg = self.cfg
+
+        history_features = self.token_features(b["hist_xy"], b["hist_weekday"], b["hist_hour"],
+                                               b["hist_duration"])                       # (B, H, 176)
+        B = history_features.shape[0]
+        if self.history_router is not None:
+            h = self.history_router(history_features)                                   # (B, 176)
+        else:   # ablation: the gates see no history summary
+            h = history_features.new_zeros(B, cfg.history_dim)                          # (B, 176)
+
+        current_features = self.token_features(b["cur_xy"], b["cur_weekday"], b["cur_hour"],
+                                               b["cur_duration"])                       # (B, C, 176)
+        location = None
+        if self.location_moe is not None:
+            shared = current_features[..., :cfg.coord_dim]                              # (B, C, 128)
+            location = self.location_moe(b["cur_xy"], h, current_features, shared)
+            current_features = torch.cat([location.output, current_features[..., cfg.coord_dim:]], dim=-1)
+
+        tokens = self.token_projections(history_features, current_features)             # (B, H + C, D)
+        if self.prompt_embeddings is not None:
+            prompt = self.prompt_embeddings.to(tokens.dtype).expand(B, -1, -1)          # (B, P, D)
+            tokens = torch.cat([prompt, tokens], dim=1)                                 # (B, P + H + C, D)
+        return tokens, h, location
+
+    # ------------------------------------------------------------------------------------------------------
+    # backbone
+
+    def run_backbone(self, tokens: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """(B, T, D) input embeddings, h (B, 176) -> hidden states (B, T, D) BEFORE the final norm, P-MoE outputs."""
+        x = tokens.to(self.backbone_dtype)
+        T = x.shape[1]
+        position_ids = torch.arange(T, device=x.device)[None]                          # (1, T)
+        position_embeddings = self.llama.rotary_emb(x, position_ids=position_ids)       # (cos, sin), each (1, T, hd)
+        mask = causal_attention_mask(self.llama.config, x, position_ids)
+        personalized = []
+        for i, layer in enumerate(self.llama.layers):
+            moe = self.personalized_moe[str(i)] if str(i) in self.personalized_moe else None
+            if moe is None:
+                out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+                x = out[0] if isinstance(out, tuple) else out
+                continue
+            # the decoder layer, spelled out so the FFN can be the Personalized MoE reading h
+            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
+                                           position_ids=position_ids, position_embeddings=position_embeddings)
+            x = x + attention                                                           # (B, T, D)
+            moe_out = moe(layer.post_attention_layernorm(x), history.to(x.dtype))
+            x = x + moe_out.output                                                      # (B, T, D)
+            personalized.append(moe_out)
+        return x, personalized
+
+    # ------------------------------------------------------------------------------------------------------
+    # forward, loss, predictions
+
+    def candidate_location_embeddings(self) -> torch.Tensor:
+        """(L, 128) function-aware embeddings of all candidates, by the same encoder as the current tokens."""
+        z = self.head.candidates_z                                                     # (L, 2)
+        shared = self.token_features.coordinate_projection(z)                           # (L, 128)
+        if self.location_moe is None:
+            return shared
+        return self.location_moe.embed_known_function(z, self.head.candidate_function, shared)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        tokens, h, location = self.embed_inputs(batch)                                  # (B, T, D), (B, 176)
+        hidden, personalized = self.run_backbone(tokens, h)                             # (B, T, D)
+        state = final_norm_float32(self.llama.norm, hidden[:, -1])                      # (B, D) float32
+        if self.cfg.head == "regression":
+            return ModelOutput(self.head(state), None, location, personalized, h)
+        scores = self.head(state, self.candidate_location_embeddings())                 # (B, L)
+        return ModelOutput(None, scores, location, personalized, h)
+
+    def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Paper Sec. 4.4: mean distance in metres + lambda * mean P-MoE gate entropy (regression head);
+        cross-entropy over candidates (+ optional expected distance) + the same entropy term (ranking head).
+
+        Returns (loss, parts): parts are detached scalars for logging.
+        """
+        cfg = self.cfg
+        parts: dict[str, torch.Tensor] = {}
+        if out.personalized:
+            entropy = torch.stack([o.entropy.float() for o in out.personalized]).mean()
+        else:
+            entropy = torch.zeros((), device=self.device)
+        if cfg.head == "regression":
+            target = batch["target_xy"].to(out.pred_xy.device, torch.float32)              # (B, 2) metres
+            distance = torch.linalg.vector_norm(out.pred_xy - target, dim=-1)              # (B,)
+            main = parts["distance_m"] = distance.mean()
+            total = main + cfg.entropy_weight * entropy
+        else:
+            target = batch["target_location"].to(out.scores.device)                        # (B,)
+            main = parts["cross_entropy"] = F.cross_entropy(out.scores.float(), target)
+            total = main + cfg.ranking_entropy_weight * entropy
+            if cfg.ranking_distance_weight > 0:
+                expected = self.expected_distance(out.scores, batch["target_xy"])
+                parts["expected_distance_m"] = expected
+                total = total + cfg.ranking_distance_weight * expected
+        parts["pmoe_entropy"] = entropy
+        if out.location_moe is not None:
+            parts["location_entropy"] = out.location_moe.entropy
+        parts = {"loss": total, **parts}
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def expected_distance(self, scores: torch.Tensor, target_xy: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of sum_l softmax(scores)_l * ||candidate_l - target|| in metres."""
+        s = self.norm_stats
+        z = self.head.candidates_z                                                      # (L, 2)
+        candidates = torch.stack([z[:, 0] * s["x_std"] + s["x_mean"], z[:, 1] * s["y_std"] + s["y_mean"]], dim=-1)  # (L, 2) m
+        distance = torch.cdist(target_xy.to(z.device, torch.float32), candidates)      # (B, L)
+        return (scores.float().softmax(-1) * distance).sum(-1).mean()
+
+    @torch.no_grad()
+    def predict_points(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """(B, 2) float64 predicted points in metres: the regressed point, or the top-scoring candidate."""
+        out = self(batch)
+        if out.pred_xy is not None:
+            return out.pred_xy.double().cpu().numpy()
+        return self.candidates_xy[out.scores.argmax(-1).cpu().numpy()]
+
+    @torch.no_grad()
+    def predict_scores(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """(B, L) scores over candidates, higher is better. The regression head scores a candidate by minus its
+        distance in metres to the predicted point (float64), so ranking by score equals the KD-tree order."""
+        out = self(batch)
+        if out.scores is not None:
+            return out.scores.float().cpu().numpy()
+        if self.candidates_xy is None:
+            raise DataError("predict_scores with the regression head needs candidates_xy given to build_model")
+        points = out.pred_xy.double().cpu().numpy()                                    # (B, 2)
+        return -np.sqrt(((points[:, None, :] - self.candidates_xy[None]) ** 2).sum(-1))  # (B, L)
+
+    # ------------------------------------------------------------------------------------------------------
+    # parameters
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Scalar parameter counts; a parameter shared by two modules (the base FFN) is counted once."""
+        def count(module: nn.Module | None, trainable_only: bool = True) -> int:
+            if module is None:
+                return 0
+            return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+        params = list(self.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return {
+            "total": total,
+            "trainable": trainable,
+            "frozen": total - trainable,
+            "trainable_backbone_norms": count(self.llama),
+            "trainable_personalized_moe": count(self.personalized_moe),
+            "trainable_location_moe": count(self.location_moe),
+            "trainable_history_router": count(self.history_router),
+            "trainable_token_features": count(self.token_features) + count(self.token_projections),
+            "trainable_head": count(self.head),
+        }
+
+
+def build_model(cfg: ModelConfig, norm_stats: Any, candidates_xy: Any = None,
+                candidate_function: Any = None) -> NextLocMoE:
+    """Load the backbone named by `cfg`, freeze it like the paper and assemble NextLocMoE around it.
+
+    norm_stats          NormStats-like object or dict with x_mean, x_std, y_mean, y_std (training split, metres)
+    candidates_xy       (L, 2) metres of every candidate location (needed by the ranking head and predict_scores)
+    candidate_function  (L,) index into FUNCTIONS, -1 when unknown (ranking head)
+    """
+    cfg.validate()
+    backbone = load_backbone(cfg.backbone, cfg.num_layers, dtype=cfg.torch_dtype, seed=cfg.seed)
+    return NextLocMoE(cfg, backbone, norm_stats, candidates_xy, candidate_function)

@@ -1,0 +1,468 @@
+"""Personalized MoE: role experts that replace the FFN of chosen decoder layers (paper Sec. 4.2).
+
+Each of the 11 role experts (Student, Teacher, ..., Undefined) is the layer's original, frozen LLaMA FFN
+
+    FFN(x) = W_down( act(W_gate x) * (W_up x) )
+
+with its own LoRA adapter on the gate, up and down projections. A gate scores every (token, expert) pair with
+an MLP over [token hidden state; history summary h from the TCN router; the expert's fixed role key], and a
+softmax over the experts turns the scores into probabilities. Routing keeps a few experts per token and the
+layer returns the probability-weighted sum of their outputs.
+
+Two formulations of the same function live here:
+
+* `PersonalizedMoE`, the one the model uses. LoRA is additive and the down projection is linear, so all
+  experts can share ONE frozen base FFN (DESIGN.md section 4):
+
+      g_e = W_gate x + s B_gate,e A_gate,e x          (base part once per token, low-rank part per expert)
+      u_e = W_up   x + s B_up,e   A_up,e   x
+      a_e = act(g_e) * u_e
+      y   = W_down (sum_e w_e a_e) + sum_e w_e s B_down,e A_down,e a_e
+
+  so the three big matmuls run once per token whatever the number of experts, and only the (token, expert)
+  pairs that routing selected are computed at all.
+* `NaivePersonalizedMoE`, the reference code's formulation (one deep copy of the FFN per expert, every expert
+  on every token); kept as the trusted baseline of the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+ROUTINGS = ("threshold", "topk")
+EXPERT_COMPUTES = ("auto", "grouped", "slots")
+
+
+@dataclass
+class PersonalizedMoEConfig:
+    num_experts: int = 11          # role experts: 10 named roles + "Undefined" (paper Sec. 4.2)
+    routing: str = "threshold"     # "threshold" (paper default) or "topk"
+    threshold: float = 0.8         # threshold routing: cumulative gate probability to reach (paper/reference: 0.8)
+    max_experts: int = 5           # threshold routing: at most this many experts per token (reference: 5)
+    top_k: int = 2                 # top-k routing: experts per token (reference: 2)
+    lora_r: int = 16               # LoRA rank of every expert (reference: r=16)
+    lora_alpha: float = 16.0       # LoRA alpha; the low-rank update is scaled by alpha / r (reference: 16)
+    lora_dropout: float = 0.02     # dropout on each LoRA input (reference: 0.02)
+    gate_hidden: int = 128         # hidden width of the gate MLP; ours (neither paper nor DESIGN.md fixes it; 128
+                                   # matches the Location Semantics MoE gate 352->128->5 of the reference)
+    renormalize: bool = False      # divide the kept probabilities by their sum; False as in the reference
+    expert_compute: str = "auto"   # ours: "grouped" (loop over experts, selected pairs only; best on CPU),
+                                   # "slots" (K slots per token, block matmuls, no host sync; best on GPU),
+                                   # "auto" = slots on CUDA, grouped elsewhere. Same function either way.
+
+    def validate(self) -> "PersonalizedMoEConfig":
+        checks = [
+            ("num_experts", isinstance(self.num_experts, int) and self.num_experts >= 1, "an integer >= 1"),
+            ("routing", self.routing in ROUTINGS, f"one of {list(ROUTINGS)}"),
+            ("threshold", 0.0 < self.threshold <= 1.0, "a probability in (0, 1]"),
+            ("max_experts", isinstance(self.max_experts, int) and self.max_experts >= 1, "an integer >= 1"),
+            ("top_k", isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+             f"an integer in [1, num_experts={self.num_experts}]"),
+            ("lora_r", isinstance(self.lora_r, int) and self.lora_r >= 1, "an integer >= 1"),
+            ("lora_alpha", self.lora_alpha > 0, "a number > 0"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a probability in [0, 1)"),
+            ("gate_hidden", isinstance(self.gate_hidden, int) and self.gate_hidden >= 1, "an integer >= 1"),
+            ("expert_compute", self.expert_compute in EXPERT_COMPUTES, f"one of {list(EXPERT_COMPUTES)}"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"personalized_moe.{name}={getattr(self, name)!r} is invalid; expected {expected}")
+        return self
+
+
+class MoEOutput(NamedTuple):
+    output: torch.Tensor       # (B, T, D) the layer's output, in place of the FFN's
+    gate_probs: torch.Tensor   # (B, T, E) softmax over the experts, float32
+    selected: torch.Tensor     # (B, T, E) bool, the experts routing kept for each token
+    entropy: torch.Tensor      # () mean over tokens of the entropy of gate_probs (the loss regulariser)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# routing
+
+def route(probs: torch.Tensor, cfg: PersonalizedMoEConfig) -> torch.Tensor:
+    """Which experts each token keeps: a bool mask shaped like `probs` (..., E). Paper Sec. 4.2.
+
+    Experts are ranked by probability, ties broken by the lower expert index (a stable sort).
+      "topk":      the first `top_k` of the ranking.
+      "threshold": the shortest prefix of the ranking whose cumulative probability reaches `threshold`
+                   (>=, in float32), cut to at most `max_experts`. A confident gate keeps one expert, an
+                   unsure one keeps several.
+
+    Note on the reference code: its threshold branch builds the cumulative-probability mask in *sorted*
+    order and then applies it to the probabilities in *original* expert order, and a later assignment
+    overwrites the cap of 5. The experts it keeps are therefore not the most probable ones (in practice 10
+    of the 11 run for every token, and the one left out may be the favourite). This function implements the
+    rule the paper describes instead; results will differ from the reference wherever that bug matters.
+    """
+    ranked_probs, ranked_experts = probs.float().sort(dim=-1, descending=True, stable=True)   # (..., E)
+    rank = torch.arange(probs.shape[-1], device=probs.device)                                 # (E,)
+    if cfg.routing == "topk":
+        keep_ranked = rank < cfg.top_k                                                         # (E,)
+        keep_ranked = keep_ranked.expand_as(ranked_probs)
+    elif cfg.routing == "threshold":
+        # probability of the experts ranked above each rank (an exclusive cumulative sum, no subtraction error)
+        mass_before = F.pad(ranked_probs.cumsum(dim=-1)[..., :-1], (1, 0))                    # (..., E)
+        # keep rank j while the experts above it have not reached the threshold yet: the minimal prefix
+        keep_ranked = (mass_before < cfg.threshold) & (rank < cfg.max_experts)
+        keep_ranked[..., 0] = True                                     # always at least the favourite
+    else:
+        raise ConfigError(f"personalized_moe.routing={cfg.routing!r} is unknown; expected one of {list(ROUTINGS)}")
+    # back from ranked order to expert order: the step the reference code misses
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, ranked_experts, keep_ranked)
+
+
+def routing_weights(probs: torch.Tensor, selected: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """Mixture weights (..., E): the gate probability of each kept expert, 0 elsewhere.
+
+    Without renormalisation (the reference's choice, our default) the weights of a token sum to the kept
+    probability mass (>= 0.8 under threshold routing unless capped), so the layer's output is scaled down a
+    little where the gate is unsure. With `renormalize=True` they sum to 1.
+    """
+    weights = probs * selected
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights
+
+
+def gate_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (float32) and the mean over tokens of their entropy, from logits (..., E)."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(dim=-1).mean()
+    return probs, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the gate (shared by both formulations)
+
+class RoleGate(nn.Module):
+    """Per (token, expert) score: MLP([x; h; k_e]) -> scalar, with x the token's hidden state, h the history
+    summary and k_e the role key (paper Sec. 4.2, history-aware routing of Sec. 4.3).
+
+    The first layer is one Linear over the concatenation, as in the reference, but `forward` applies it
+    separably: W [x; h; k] = W_x x + W_h h + W_k k, with W_x x computed once per token, W_h h once per sample
+    and W_k k once per expert, then broadcast-added. That avoids materialising (B, T, E, D + D_h + D_key).
+    """
+
+    def __init__(self, hidden_dim: int, history_dim: int, key_dim: int, gate_hidden: int):
+        super().__init__()
+        self.dims = (hidden_dim, history_dim, key_dim)
+        self.proj_in = nn.Linear(hidden_dim + history_dim + key_dim, gate_hidden)   # over [x; h; k]
+        self.act = nn.ReLU()
+        self.proj_out = nn.Linear(gate_hidden, 1)
+
+    def forward(self, hidden: torch.Tensor, history: torch.Tensor, role_keys: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D), history (B, D_h), role_keys (E, D_key) -> logits (B, T, E)."""
+        d, d_h, _ = self.dims
+        w = self.proj_in.weight                                            # (G, D + D_h + D_key)
+        token_part = F.linear(hidden, w[:, :d])                            # (B, T, G)
+        history_part = F.linear(history, w[:, d:d + d_h])                  # (B, G)
+        role_part = F.linear(role_keys, w[:, d + d_h:], self.proj_in.bias)  # (E, G)
+        pre = token_part[:, :, None, :] + history_part[:, None, None, :] + role_part  # (B, T, E, G)
+        return self.proj_out(self.act(pre)).squeeze(-1)                   # (B, T, E)
+
+    def forward_concatenated(self, hidden: torch.Tensor, history: torch.Tensor,
+                             role_keys: torch.Tensor) -> torch.Tensor:
+        """The same logits from the explicit concatenation (B, T, E, D + D_h + D_key): the reference form."""
+        b, t, _ = hidden.shape
+        e = role_keys.shape[0]
+        features = torch.cat([
+            hidden[:, :, None, :].expand(b, t, e, -1),
+            history[:, None, None, :].expand(b, t, e, -1),
+            role_keys[None, None].expand(b, t, e, -1),
+        ], dim=-1)                                                          # (B, T, E, D + D_h + D_key)
+        return self.proj_out(self.act(self.proj_in(features))).squeeze(-1)  # (B, T, E)
+
+
+def _check_inputs(hidden: torch.Tensor, history: torch.Tensor, dims: tuple[int, int, int]) -> None:
+    d, d_h, _ = dims
+    if hidden.dim() != 3 or hidden.shape[-1] != d:
+        raise ConfigError(f"personalized MoE: hidden must be (B, T, {d}), got {tuple(hidden.shape)}")
+    if history.shape != (hidden.shape[0], d_h):
+        raise ConfigError(f"personalized MoE: history must be (B={hidden.shape[0]}, history_dim={d_h}), "
+                          f"got {tuple(history.shape)}")
+
+
+def _check_role_keys(role_keys: torch.Tensor, cfg: PersonalizedMoEConfig) -> None:
+    if role_keys.dim() != 2 or role_keys.shape[0] != cfg.num_experts:
+        raise ConfigError(f"personalized MoE: role_keys must be (num_experts={cfg.num_experts}, D_key), "
+                          f"got {tuple(role_keys.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the efficient layer: one shared frozen FFN
+
+class PersonalizedMoE(nn.Module):
+    """Drop-in replacement of a decoder layer's LlamaMLP by 11 LoRA role experts over one shared frozen FFN.
+
+    base_mlp     the layer's LlamaMLP; kept (not copied) and frozen
+    history_dim  width of the history summary h (176 in the reference: the TCN's channels)
+    role_keys    (E, D_key) fixed role keys (mean-pooled input embeddings of the role descriptions); a buffer
+    cfg          PersonalizedMoEConfig
+    """
+
+    def __init__(self, base_mlp: nn.Module, history_dim: int, role_keys: torch.Tensor,
+                 cfg: PersonalizedMoEConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = (cfg or PersonalizedMoEConfig()).validate()
+        _check_role_keys(role_keys, cfg)
+        self.base_mlp = base_mlp.requires_grad_(False)
+        d = base_mlp.gate_proj.in_features
+        f = base_mlp.gate_proj.out_features
+        e, r = cfg.num_experts, cfg.lora_r
+        self.hidden_dim, self.ffn_dim = d, f
+        self.scaling = cfg.lora_alpha / cfg.lora_r
+        self.register_buffer("role_keys", role_keys.detach().clone().to(base_mlp.gate_proj.weight.dtype))
+        self.gate = RoleGate(d, history_dim, role_keys.shape[1], cfg.gate_hidden)
+
+        # Stacked LoRA factors, laid out so that x @ A @ B is the update (A: (in, r), B: (r, out)).
+        # A as nn.Linear / peft initialise it (kaiming-uniform, a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), B zero,
+        # so every expert starts as exactly the frozen FFN.
+        def lora_pair(d_in: int, d_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+            bound = 1.0 / math.sqrt(d_in)
+            a = torch.empty(e, d_in, r).uniform_(-bound, bound)
+            return nn.Parameter(a), nn.Parameter(torch.zeros(e, r, d_out))
+
+        dtype = base_mlp.gate_proj.weight.dtype
+        self.lora_A_gate, self.lora_B_gate = lora_pair(d, f)    # (E, D, r), (E, r, F)
+        self.lora_A_up, self.lora_B_up = lora_pair(d, f)        # (E, D, r), (E, r, F)
+        self.lora_A_down, self.lora_B_down = lora_pair(f, d)    # (E, F, r), (E, r, D)
+        self.to(device=base_mlp.gate_proj.weight.device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout)
+
+    def gate_logits(self, hidden: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """(B, T, D), (B, D_h) -> (B, T, E) expert scores before the softmax."""
+        return self.gate(hidden, history.to(hidden.dtype), self.role_keys.to(hidden.dtype))
+
+    def gate_logits_concatenated(self, hidden: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """The same scores via the explicit concatenation (slower; for tests)."""
+        return self.gate.forward_concatenated(hidden, history.to(hidden.dtype), self.role_keys.to(hidden.dtype))
+
+    def forward(self, hidden: torch.Tensor, history: torch.Tensor) -> MoEOutput:
+        """hidden (B, T, D): the FFN's input (after post_attention_layernorm); history (B, D_h): the router's h."""
+        _check_inputs(hidden, history, self.gate.dims)
+        probs, entropy = gate_entropy(self.gate_logits(hidden, history))          # (B, T, E), ()
+        selected = route(probs.detach(), self.cfg)                                # (B, T, E) bool
+        weights = routing_weights(probs, selected, self.cfg.renormalize)          # (B, T, E)
+        compute = self.cfg.expert_compute
+        if compute == "auto":
+            compute = "slots" if hidden.is_cuda else "grouped"
+        mix = self.mix_experts_slots if compute == "slots" else self.mix_experts
+        output = mix(hidden, weights.to(hidden.dtype), selected)                  # (B, T, D)
+        return MoEOutput(output, probs, selected, entropy)
+
+    def mix_experts(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """sum_e w_e expert_e(x) over the selected (token, expert) pairs, sharing the frozen FFN.
+
+        The selected pairs are grouped by expert (one host sync for the group sizes); each expert then works
+        on its own tokens only. Rows are gathered per expert with `gather_row_groups`, whose backward fills
+        one shared gradient buffer, and scattered back with in-place index_add_, whose backward is a gather:
+        no tensor larger than (N, F) is ever made, and no (N, F) buffer is made per expert.
+        """
+        b, t, d = hidden.shape
+        n = b * t
+        x = hidden.reshape(n, d)                                   # (N, D)
+        w = weights.reshape(n, -1)                                 # (N, E)
+        base, s, drop = self.base_mlp, self.scaling, self.lora_dropout
+
+        gate_base = base.gate_proj(x)                              # (N, F) once per token
+        up_base = base.up_proj(x)                                  # (N, F)
+
+        pair_token, pair_expert = selected.reshape(n, -1).nonzero(as_tuple=True)    # (P,), (P,)
+        order = pair_expert.argsort(stable=True)                   # group the pairs by expert
+        pair_token, pair_expert = pair_token[order], pair_expert[order]
+        counts = torch.bincount(pair_expert, minlength=self.cfg.num_experts).tolist()
+        experts = [e for e, count in enumerate(counts) if count > 0]
+        tokens = [group for group in pair_token.split(counts) if group.numel() > 0]   # per used expert (n_e,)
+
+        # LoRA dropout on the token inputs is drawn once per token (one mask for the gate LoRAs, one for the up
+        # LoRAs) and shared by the experts of that token; the naive form draws one per expert. Each expert sees
+        # the same distribution; only the correlation between experts differs, and 2 (P - N) D random draws are
+        # saved. The activation inputs of the down LoRAs are per pair anyway and get their own masks.
+        x_gate_groups = gather_row_groups(drop(x), *tokens)       # (n_e, D) each
+        dropout_active = self.training and drop.p > 0
+        x_up_groups = gather_row_groups(drop(x), *tokens) if dropout_active else x_gate_groups
+        gate_groups = gather_row_groups(gate_base, *tokens)        # (n_e, F) each
+        up_groups = gather_row_groups(up_base, *tokens)            # (n_e, F) each
+        # unbind once: indexing a stacked parameter per expert would cost a full-size zero gradient per expert
+        A_gate, B_gate, A_up, B_up, A_down, B_down = (p.unbind(0) for p in (
+            self.lora_A_gate, self.lora_B_gate, self.lora_A_up, self.lora_B_up, self.lora_A_down, self.lora_B_down))
+
+        mixed = x.new_zeros(n, self.ffn_dim)                       # (N, F)  sum_e w_e a_e
+        lora_down = x.new_zeros(n, d)                              # (N, D)  sum_e w_e s B_down,e A_down,e a_e
+        for e, idx, x_g, x_u, g0, u0 in zip(experts, tokens, x_gate_groups, x_up_groups, gate_groups, up_groups):
+            g = torch.addmm(g0, x_g @ A_gate[e], B_gate[e], alpha=s)               # (n_e, F)  g_e
+            u = torch.addmm(u0, x_u @ A_up[e], B_up[e], alpha=s)                   # (n_e, F)  u_e
+            a = base.act_fn(g) * u                                                # (n_e, F)  a_e
+            w_e = w[idx, e, None]                                                 # (n_e, 1)
+            mixed.index_add_(0, idx, a * w_e)
+            lora_down.index_add_(0, idx, (drop(a) @ A_down[e]) @ B_down[e] * (s * w_e))
+
+        out = F.linear(mixed, base.down_proj.weight) + lora_down                  # ONE base down projection
+        if base.down_proj.bias is not None:   # each expert adds the bias once: sum_e w_e b
+            out = out + w.sum(dim=-1, keepdim=True) * base.down_proj.bias
+        return out.reshape(b, t, d)
+
+
+    def mix_experts_slots(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The same mixture with a fixed number K of expert slots per token (K = top_k, or max_experts under
+        threshold routing) and no loop over experts and no host sync, for GPUs.
+
+        Slot k of a token holds its k-th most probable expert; slots beyond the kept set carry weight 0, so
+        they change neither the output nor any gradient. The per-slot low-rank terms use block matrices:
+        the token's low-rank codes for all E experts, (N, E r), masked to the slot's expert, times the stacked
+        B (E r, F). That costs K E r F multiply-adds per token and projection, against D F for the base
+        projection: cheap where D is large (3B width, K = 5: +29%), not at SmolLM2 width (+150%).
+        """
+        b, t, d = hidden.shape
+        n = b * t
+        e_count, r = self.cfg.num_experts, self.cfg.lora_r
+        k = min(self.cfg.top_k if self.cfg.routing == "topk" else self.cfg.max_experts, e_count)
+        x = hidden.reshape(n, d)                                                    # (N, D)
+        w = weights.reshape(n, -1)                                                  # (N, E)
+        base, s, drop = self.base_mlp, self.scaling, self.lora_dropout
+
+        # the kept experts come first in the ranking by weight (unkept ones have weight 0)
+        slot_expert = w.detach().masked_fill(~selected.reshape(n, -1), -1.0).topk(k, dim=-1).indices  # (N, K)
+        slot_weight = w.gather(1, slot_expert)                                      # (N, K)
+        experts = torch.arange(e_count, device=x.device)
+        slot_onehot = (slot_expert[..., None] == experts).to(x.dtype)               # (N, K, E); F.one_hot syncs
+
+        def stacked_in(A: torch.Tensor) -> torch.Tensor:     # (E, in, r) -> (in, E r)
+            return A.permute(1, 0, 2).reshape(A.shape[1], e_count * r)
+
+        def per_slot_low_rank(codes: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            """codes (N, E r) of every expert -> (N, K, out): each slot through its own expert's B."""
+            blocks = slot_onehot[..., None] * codes.view(n, 1, e_count, r)         # (N, K, E, r)
+            return (blocks.reshape(n * k, e_count * r) @ B.reshape(e_count * r, -1)).view(n, k, -1)
+
+        gate_codes = s * (drop(x) @ stacked_in(self.lora_A_gate))                  # (N, E r)
+        up_codes = s * (drop(x) @ stacked_in(self.lora_A_up))                      # (N, E r)
+        g = base.gate_proj(x)[:, None, :] + per_slot_low_rank(gate_codes, self.lora_B_gate)   # (N, K, F)
+        u = base.up_proj(x)[:, None, :] + per_slot_low_rank(up_codes, self.lora_B_up)         # (N, K, F)
+        a = base.act_fn(g) * u                                                      # (N, K, F)  a_e per slot
+        mixed = (slot_weight[..., None] * a).sum(dim=1)       # (N, F)  sum_e w_e a_e (a bmm here is slow on GPU)
+
+        down_codes = (drop(a).reshape(n * k, -1) @ stacked_in(self.lora_A_down)).view(n, k, e_count, r)
+        slot_scale = (s * slot_weight)[..., None] * slot_onehot                     # (N, K, E)
+        down_codes = (down_codes * slot_scale[..., None]).sum(dim=1)               # (N, E, r)
+        lora_down = down_codes.reshape(n, e_count * r) @ self.lora_B_down.reshape(e_count * r, d)   # (N, D)
+
+        out = F.linear(mixed, base.down_proj.weight) + lora_down                  # ONE base down projection
+        if base.down_proj.bias is not None:
+            out = out + w.sum(dim=-1, keepdim=True) * base.down_proj.bias
+        return out.reshape(b, t, d)
+
+
+class _GatherRowGroups(torch.autograd.Function):
+    """Rows of `source` for several index groups; the backward sums every group into ONE zero buffer (autograd's
+    own index_select would allocate and add a full-size gradient per group)."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, *groups: torch.Tensor):
+        ctx.save_for_backward(*groups)
+        ctx.source_shape = source.shape
+        return tuple(source.index_select(0, group) for group in groups)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        groups = ctx.saved_tensors
+        grad_source = None
+        if ctx.needs_input_grad[0]:
+            reference = next(g for g in grads if g is not None)
+            grad_source = reference.new_zeros(ctx.source_shape)
+            for group, grad in zip(groups, grads):
+                if grad is not None:
+                    grad_source.index_add_(0, group, grad)
+        return (grad_source, *(None for _ in groups))
+
+
+def gather_row_groups(source: torch.Tensor, *groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(source[group_1], source[group_2], ...) for a 2-d source, with a single-buffer backward."""
+    if not groups:
+        return ()
+    return _GatherRowGroups.apply(source, *groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the naive reference formulation (tests and benchmark)
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update: base(x) + s * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+
+
+class LoRAExpertFFN(nn.Module):
+    """One role expert as the reference builds it: a private copy of the FFN with LoRA on its projections."""
+
+    def __init__(self, base_mlp: nn.Module, r: int, alpha: float, dropout: float):
+        super().__init__()
+        ffn = copy.deepcopy(base_mlp)
+        self.gate_proj = LoRALinear(ffn.gate_proj, r, alpha, dropout)
+        self.up_proj = LoRALinear(ffn.up_proj, r, alpha, dropout)
+        self.down_proj = LoRALinear(ffn.down_proj, r, alpha, dropout)
+        self.act_fn = ffn.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NaivePersonalizedMoE(nn.Module):
+    """The reference formulation: E deep copies of the FFN, each with its own LoRA, every expert run on every
+    token, output = sum_e w_e expert_e(x). Same gate and routing rule as `PersonalizedMoE` (its gate in the
+    concatenated form); same function, ~E times the FFN weights and compute."""
+
+    def __init__(self, base_mlp: nn.Module, history_dim: int, role_keys: torch.Tensor,
+                 cfg: PersonalizedMoEConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = (cfg or PersonalizedMoEConfig()).validate()
+        _check_role_keys(role_keys, cfg)
+        d = base_mlp.gate_proj.in_features
+        self.register_buffer("role_keys", role_keys.detach().clone().to(base_mlp.gate_proj.weight.dtype))
+        self.gate = RoleGate(d, history_dim, role_keys.shape[1], cfg.gate_hidden).to(base_mlp.gate_proj.weight)
+        self.experts = nn.ModuleList(
+            LoRAExpertFFN(base_mlp, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) for _ in range(cfg.num_experts))
+
+    @classmethod
+    def from_efficient(cls, moe: PersonalizedMoE) -> "NaivePersonalizedMoE":
+        """A naive copy holding exactly the efficient module's weights (gate, role keys, every LoRA factor)."""
+        naive = cls(moe.base_mlp, moe.gate.dims[1], moe.role_keys, moe.cfg)
+        naive.gate.load_state_dict(moe.gate.state_dict())
+        with torch.no_grad():
+            for e, expert in enumerate(naive.experts):
+                for proj in ("gate", "up", "down"):
+                    lora = getattr(expert, f"{proj}_proj")
+                    lora.lora_A.weight.copy_(getattr(moe, f"lora_A_{proj}")[e].T)   # (r, in)
+                    lora.lora_B.weight.copy_(getattr(moe, f"lora_B_{proj}")[e].T)   # (out, r)
+        return naive.train(moe.training)
+
+    def forward(self, hidden: torch.Tensor, history: torch.Tensor) -> MoEOutput:
+        _check_inputs(hidden, history, self.gate.dims)
+        logits = self.gate.forward_concatenated(hidden, history.to(hidden.dtype), self.role_keys.to(hidden.dtype))
+        probs, entropy = gate_entropy(logits)                                        # (B, T, E), ()
+        selected = route(probs.detach(), self.cfg)                                   # (B, T, E)
+        weights = routing_weights(probs, selected, self.cfg.renormalize).to(hidden.dtype)
+        expert_outputs = torch.stack([expert(hidden) for expert in self.experts], dim=-2)   # (B, T, E, D)
+        output = (weights[..., None] * expert_outputs).sum(dim=-2)                   # (B, T, D)
+        return MoEOutput(output, probs, selected, entropy)

@@ -1,0 +1,291 @@
+"""Training and evaluation of NextLocMoE on `accelerate` (one CPU, one GPU, or several with `accelerate launch`).
+
+The loop follows the reference training recipe (DESIGN.md Sec. 1): Adam with weight decay 0.01,
+ReduceLROnPlateau on validation Hit@10 (factor 0.5, patience 2), gradient clipping and accumulation, bf16
+on GPU, best checkpoint by validation Hit@10. Two things the reference leaves to chance are fixed here:
+
+- the test split is evaluated with the BEST checkpoint, reloaded from disk, never with the last epoch;
+- a run can be interrupted and resumed (`resume=True`): checkpoints are written atomically at the end of
+  every epoch, and each epoch's data order and dropout draws depend only on (seed, epoch), so a resumed run
+  reaches the same final metrics as an uninterrupted one on CPU.
+
+A non-finite loss stops the run with a clear message; the last good checkpoint is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .config import ExperimentConfig
+from .data.prepare import prepare
+from .data.windows import Windows, WindowDataset, identity_collate
+from .errors import NextLocMoEError
+from .io import atomic_path, provenance, write_json_atomic, write_text_atomic
+from .metrics import CandidateIndex, ranks_from_scores, retrieval_metrics
+from .model import build_model
+
+SELECTION_METRIC = "hit@10"  # reference: best checkpoint by validation Hit@10
+
+
+class TrainingDiverged(NextLocMoEError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_epoch: int                 # 1-based epoch whose checkpoint produced the test metrics
+    val: dict[str, float]           # validation metrics of the best checkpoint
+    test: dict[str, float]          # test metrics of the best checkpoint
+    history: pd.DataFrame           # one row per epoch: train loss parts, validation metrics, lr, seconds
+    wall_s: float
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    if setting not in ("no", "bf16", "fp16"):
+        raise NextLocMoEError(f"train.mixed_precision='{setting}' is invalid; expected auto, no, bf16 or fp16")
+    return setting
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: the frozen backbone is rebuilt from its source, not stored."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise NextLocMoEError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}; "
+                              "was it written by a different config?")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def limited(windows: Windows, cfg: ExperimentConfig) -> Windows:
+    """The CPU profile trains and evaluates on seeded subsamples; None keeps every window."""
+    t = cfg.train
+    if t.max_train_windows is not None:
+        windows = windows.subsample("train", t.max_train_windows, seed=t.seed)
+    if t.max_eval_windows is not None:
+        for split in ("val", "test"):
+            windows = windows.subsample(split, t.max_eval_windows, seed=t.seed)
+    return windows
+
+
+def epoch_loader(windows: Windows, split: str, batch_size: int, seed: int | None) -> torch.utils.data.DataLoader:
+    """Batches of one epoch; with a seed, the order is a permutation drawn from (seed) only."""
+    dataset = WindowDataset(windows, split)
+    if seed is None:
+        sampler = range(len(dataset))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        sampler = torch.randperm(len(dataset), generator=g).tolist()
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       collate_fn=identity_collate, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: torch.device | None = None,
+             desc: str | None = None) -> dict[str, float]:
+    """Hit@k, MRR, NDCG@k and distance error of `model` on one split (paper Sec. 5.1 metrics).
+
+    Regression head: the predicted point is matched to candidates by a KD-tree (rank = position of the true
+    location among candidates ordered by distance). Ranking head: candidates ordered by score.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    loader = epoch_loader(windows, split, batch_size, seed=None)
+    points, targets, ranks, dist_err = [], [], [], []
+    candidates = torch.as_tensor(windows.candidates, dtype=torch.float64)
+    for batch in tqdm(loader, desc=desc or f"eval {split}", leave=False, disable=None):
+        batch = move_batch(batch, device)
+        out = model(batch)
+        if out.scores is not None:
+            scores = out.scores.float().cpu()
+            target = batch["target_location"].cpu()
+            ranks.append(torch.as_tensor(ranks_from_scores(scores, target)))
+            top1 = candidates[scores.argmax(dim=1)]
+            dist_err.append(torch.linalg.norm(top1 - batch["target_xy"].cpu().double(), dim=1))
+        else:
+            points.append(out.pred_xy.float().cpu().double())
+            targets.append(batch["target_location"].cpu())
+            dist_err.append(torch.linalg.norm(points[-1] - batch["target_xy"].cpu().double(), dim=1))
+    if points:
+        index = CandidateIndex(windows.candidates)
+        ranks = [torch.as_tensor(index.rank_of(torch.cat(points).numpy(), torch.cat(targets).numpy()))]
+    model.train(was_training)
+    return retrieval_metrics(torch.cat(ranks).numpy(), distance_error_m=torch.cat(dist_err).numpy())
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = False,
+          windows: Windows | None = None, stop_after_epochs: int | None = None) -> TrainResult:
+    """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
+
+    out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch),
+    history.csv and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
+    interruption would (tests use it to check that `resume=True` reproduces an uninterrupted run).
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    if windows is None:
+        windows = prepare(cfg.data)
+    windows = limited(windows, cfg)
+
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
+                              gradient_accumulation_steps=tc.grad_accum)
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.plateau_factor,
+                                                           patience=tc.plateau_patience)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[])
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        if ckpt["config"] != cfg.to_dict():
+            raise NextLocMoEError(f"--resume: {last_path} was written by a different config; "
+                                  "use a new output directory or the same config")
+        load_trainable_state(accelerator.unwrap_model(model), ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        accelerator.print(f"resumed from {last_path.name}: {state['epoch']} epoch(s) done")
+    write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
+
+    epochs = range(state["epoch"], tc.epochs)
+    for epoch in tqdm(epochs, desc="epochs", initial=state["epoch"], total=tc.epochs, disable=None):
+        if state["bad_epochs"] >= tc.early_stop_patience:
+            accelerator.print(f"early stop: no better validation {SELECTION_METRIC} for "
+                              f"{state['bad_epochs']} epochs")
+            break
+        if stop_after_epochs is not None and epoch >= stop_after_epochs:
+            break
+        epoch_t0 = time.perf_counter()
+        # Data order and dropout depend only on (seed, epoch): resuming reproduces them exactly.
+        torch.manual_seed(tc.seed * 100_003 + epoch)
+        loader = accelerator.prepare(epoch_loader(windows, "train", tc.batch_size, seed=tc.seed * 100_003 + epoch))
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None)
+        for step, batch in enumerate(bar):
+            with accelerator.accumulate(model):
+                out = model(batch)
+                loss, parts = accelerator.unwrap_model(model).loss(out, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (parts: "
+                        f"{ {k: float(v) for k, v in parts.items()} }); the last good checkpoint is kept at "
+                        f"{last_path if last_path.exists() else 'none (first epoch)'}. Try a lower train.lr.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.clip_norm:
+                    accelerator.clip_grad_norm_(params, tc.clip_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_batches += 1
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+
+        val = evaluate(accelerator.unwrap_model(model), windows, "val", tc.eval_batch_size,
+                       device=accelerator.device, desc=f"val {epoch + 1}")
+        scheduler.step(val[SELECTION_METRIC])
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
+               **{f"val_{k}": v for k, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - epoch_t0}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if val[SELECTION_METRIC] > state["best_metric"]:
+            state.update(best_metric=val[SELECTION_METRIC], best_epoch=epoch + 1, bad_epochs=0)
+            if accelerator.is_main_process:
+                save_checkpoint(best_path, {"model": trainable_state(accelerator.unwrap_model(model)),
+                                            "epoch": epoch + 1, "val": val})
+        else:
+            state["bad_epochs"] += 1
+        if accelerator.is_main_process:
+            save_checkpoint(last_path, {"model": trainable_state(accelerator.unwrap_model(model)),
+                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "state": state, "config": cfg.to_dict()})
+        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "val_hit", "val_mrr"))))
+        accelerator.wait_for_everyone()
+
+    history = pd.DataFrame(state["history"])
+    if stop_after_epochs is not None and state["epoch"] < tc.epochs and state["bad_epochs"] < tc.early_stop_patience:
+        return TrainResult(out_dir, state["best_epoch"], {}, {}, history, time.perf_counter() - t0)
+    if not best_path.exists():
+        raise NextLocMoEError(f"no best checkpoint in {out_dir}: train.epochs={tc.epochs} ran no epoch")
+
+    # Test the best checkpoint, reloaded from disk: never the last epoch by accident.
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    load_trainable_state(unwrapped, best["model"])
+    test = evaluate(unwrapped, windows, "test", tc.eval_batch_size, device=accelerator.device, desc="test")
+    wall = time.perf_counter() - t0
+    if accelerator.is_main_process:
+        with atomic_path(out_dir / "history.csv") as tmp:
+            history.to_csv(tmp, index=False)
+        write_json_atomic(out_dir / "metrics.json", {
+            "best_epoch": best["epoch"], "val": best["val"], "test": test,
+            "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")},
+            "parameters": unwrapped.parameter_counts(),
+            "provenance": provenance(cfg.profile, seed=tc.seed, data_checksum=windows.meta.get("checksum"),
+                                     wall_s=wall, config=cfg.to_dict()),
+        })
+    return TrainResult(out_dir, best["epoch"], best["val"], test, history, wall)
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | os.PathLike, split: str = "test",
+                        windows: Windows | None = None) -> dict[str, float]:
+    """Rebuild the model of `cfg`, load run_dir/best.pt and evaluate one split."""
+    run_dir = Path(run_dir)
+    best_path = run_dir / "best.pt"
+    if not best_path.exists():
+        raise NextLocMoEError(f"{best_path} does not exist; train first (nextlocmoe train ...)")
+    if windows is None:
+        windows = prepare(cfg.data)
+    windows = limited(windows, cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
+    load_trainable_state(model, torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate(model.to(device), windows, split, cfg.train.eval_batch_size, device=device)

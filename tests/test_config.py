@@ -1,0 +1,45 @@
+"""Configuration: profiles, YAML round-trip, overrides and their errors."""
+
+import pytest
+
+from nextlocmoe.config import PROFILES, ExperimentConfig, load_config
+from nextlocmoe.errors import ConfigError
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profile_round_trips_through_yaml(profile, tmp_path):
+    cfg = load_config(profile)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(profile, path)
+    assert again == cfg
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_yaml_file_and_overrides_apply_in_order(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 0.5\ndata:\n  history: 20\n")
+    cfg = load_config("smoke", path, ["train.epochs=3", "model.pmoe_layers=[0, 2]"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.5 and cfg.data.history == 20
+    assert cfg.model.pmoe_layers == (0, 2)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.epoch=3"], "unknown field 'epoch'"),
+    (["trian.epochs=3"], "'trian' is not a config section"),
+    (["train.epochs"], "must look like section.field=value"),
+])
+def test_bad_overrides_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("smoke", overrides=overrides)
+
+
+def test_unknown_profile_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="--profile 'nope' is unknown"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("smoke", tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  layers_count: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'layers_count'"):
+        load_config("smoke", bad)

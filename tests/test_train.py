@@ -1,0 +1,88 @@
+"""Training loop on the smoke profile: best-checkpoint testing, resume, divergence, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from nextlocmoe.cli import main
+from nextlocmoe.config import load_config
+from nextlocmoe.data.prepare import prepare
+from nextlocmoe.train import TrainingDiverged, evaluate_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def smoke_cfg():
+    return load_config("smoke", overrides=["train.epochs=3", "train.max_train_windows=96",
+                                           "train.max_eval_windows=48", "train.early_stop_patience=10"])
+
+
+@pytest.fixture(scope="module")
+def smoke_windows(smoke_cfg, tmp_path_factory):
+    return prepare(smoke_cfg.data, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def full_run(smoke_cfg, smoke_windows, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return train(smoke_cfg, out, windows=smoke_windows)
+
+
+def test_test_metrics_come_from_the_best_checkpoint(full_run, smoke_cfg, smoke_windows):
+    hist = full_run.history
+    assert len(hist) == 3
+    best = int(hist["val_hit@10"].to_numpy().argmax()) + 1  # first epoch reaching the maximum
+    assert full_run.best_epoch == best
+    again = evaluate_checkpoint(smoke_cfg, full_run.out_dir, "test", windows=smoke_windows)
+    assert again == pytest.approx(full_run.test)
+    metrics = json.loads((full_run.out_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == best
+    assert metrics["provenance"]["profile"] == "smoke"
+    assert metrics["provenance"]["seed"] == smoke_cfg.train.seed
+    assert 0.0 <= metrics["test"]["hit@1"] <= metrics["test"]["hit@10"] <= 1.0
+
+
+def test_resume_reaches_the_same_result(full_run, smoke_cfg, smoke_windows, tmp_path):
+    partial = train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
+    assert len(partial.history) == 1 and not (tmp_path / "metrics.json").exists()
+    resumed = train(smoke_cfg, tmp_path, windows=smoke_windows, resume=True)
+    assert resumed.best_epoch == full_run.best_epoch
+    assert resumed.test == pytest.approx(full_run.test, rel=1e-6)
+    cols = [c for c in full_run.history.columns if c != "seconds"]
+    assert resumed.history[cols].to_numpy() == pytest.approx(full_run.history[cols].to_numpy(), rel=1e-5)
+
+
+def test_resume_refuses_a_different_config(smoke_cfg, smoke_windows, tmp_path):
+    train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
+    other = load_config("smoke", overrides=["train.lr=0.5"])
+    with pytest.raises(Exception, match="different config"):
+        train(other, tmp_path, windows=smoke_windows, resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(smoke_cfg, smoke_windows, tmp_path, monkeypatch):
+    train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
+    good = (tmp_path / "last.pt").read_bytes()
+    from nextlocmoe.model import nextlocmoe as model_module
+
+    real_loss = model_module.NextLocMoE.loss
+
+    def poisoned(self, out, batch):
+        loss, parts = real_loss(self, out, batch)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(model_module.NextLocMoE, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        train(smoke_cfg, tmp_path, windows=smoke_windows, resume=True)
+    assert (tmp_path / "last.pt").read_bytes() == good
+
+
+def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["prepare", "--profile", "smoke", "--set", "data.source=humob",
+                 "--set", f"data.path={tmp_path / 'missing.csv'}"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.csv" in err and "Traceback" not in err
+    assert main(["train", "--profile", "smoke", "--set", "train.nope=1"]) == 2
+    assert "unknown field 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
