@@ -181,7 +181,7 @@ def bench_width(width: Width, device: str, dtype: torch.dtype, repeats: int, war
 def resolved_compute(module: nn.Module, device: str) -> str:
     if isinstance(module, PersonalizedMoE):
         compute = module.cfg.expert_compute
-        return ("slots" if device.startswith("cuda") else "grouped") if compute == "auto" else compute
+        return ("pairs" if device.startswith("cuda") else "grouped") if compute == "auto" else compute
     return "naive" if isinstance(module, NaivePersonalizedMoE) else "dense"
 
 
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: every core available). On a machine that other jobs keep busy, "
                              "fewer threads than cores avoids stalls at each operator's thread barrier")
-    parser.add_argument("--expert-compute", default="auto", choices=["auto", "grouped", "slots"],
-                        help="PersonalizedMoE's computation (auto: slots on CUDA, grouped on CPU)")
+    parser.add_argument("--expert-compute", default="auto", choices=["auto", "grouped", "pairs"],
+                        help="PersonalizedMoE's computation (auto: pairs on CUDA, grouped on CPU)")
     parser.add_argument("--lora-dropout", type=float, default=0.02,
                         help="LoRA dropout of every method (reference 0.02; layers run in training mode)")
     args = parser.parse_args(argv)

@@ -104,7 +104,7 @@ def test_separable_gate_equals_concatenated_gate():
     assert relative_error(separable, concatenated) < 1e-6
 
 
-@pytest.mark.parametrize("expert_compute", ["grouped", "slots"])
+@pytest.mark.parametrize("expert_compute", ["grouped", "pairs"])
 @pytest.mark.parametrize("routing", ["threshold", "topk"])
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("mlp_bias", [False, True])
@@ -166,7 +166,7 @@ def test_base_ffn_is_shared_frozen_and_lora_starts_at_zero():
     torch.testing.assert_close(out.output, kept_mass * mlp(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("expert_compute", ["grouped", "slots"])
+@pytest.mark.parametrize("expert_compute", ["grouped", "pairs"])
 def test_unselected_experts_do_not_matter(expert_compute):
     moe = make_moe(routing="topk", expert_compute=expert_compute)
     x, h = torch.randn(2, 6, D), torch.randn(2, D_H)
@@ -189,7 +189,7 @@ def test_entropy_is_mean_token_entropy():
     torch.testing.assert_close(out.gate_probs.sum(-1), torch.ones(2, 4))
 
 
-@pytest.mark.parametrize("expert_compute", ["grouped", "slots"])
+@pytest.mark.parametrize("expert_compute", ["grouped", "pairs"])
 def test_dropout_only_in_training_and_bf16_runs(expert_compute):
     moe = make_moe(expert_compute=expert_compute)
     x, h = torch.randn(2, 6, D), torch.randn(2, D_H)

@@ -20,7 +20,11 @@ Two formulations of the same function live here:
       y   = W_down (sum_e w_e a_e) + sum_e w_e s B_down,e A_down,e a_e
 
   so the three big matmuls run once per token whatever the number of experts, and only the (token, expert)
-  pairs that routing selected are computed at all.
+  pairs that routing selected are computed at all. Two ways to run it give the same function
+  (`expert_compute`): "grouped" loops over the experts, each on its own tokens (fewest operations: best
+  on a CPU); "pairs" puts all selected pairs in one batch and multiplies block-stacked LoRA matrices
+  (a few large kernels instead of a loop: best on a GPU, where every launched operation costs time).
+  `benchmarks/bench_moe.py` measures both against a dense FFN.
 * `NaivePersonalizedMoE`, the reference code's formulation (one deep copy of the FFN per expert, every expert
   on every token); kept as the trusted baseline of the tests and the benchmark.
 """
@@ -39,7 +43,7 @@ from torch import nn
 from ..errors import ConfigError
 
 ROUTINGS = ("threshold", "topk")
-EXPERT_COMPUTES = ("auto", "grouped", "slots")
+EXPERT_COMPUTES = ("auto", "grouped", "pairs")
 
 
 @dataclass
@@ -55,9 +59,9 @@ class PersonalizedMoEConfig:
     gate_hidden: int = 128         # hidden width of the gate MLP; ours (neither paper nor DESIGN.md fixes it; 128
                                    # matches the Location Semantics MoE gate 352->128->5 of the reference)
     renormalize: bool = False      # divide the kept probabilities by their sum; False as in the reference
-    expert_compute: str = "auto"   # ours: "grouped" (loop over experts, selected pairs only; best on CPU),
-                                   # "slots" (K slots per token, block matmuls, no host sync; best on GPU),
-                                   # "auto" = slots on CUDA, grouped elsewhere. Same function either way.
+    expert_compute: str = "auto"   # ours: "grouped" (loop over experts on their own tokens; best on CPU),
+                                   # "pairs" (all selected pairs in one batch, block matmuls; best on GPU),
+                                   # "auto" = pairs on CUDA, grouped elsewhere. Same function either way.
 
     def validate(self) -> "PersonalizedMoEConfig":
         checks = [
@@ -254,15 +258,20 @@ class PersonalizedMoE(nn.Module):
         probs, entropy = gate_entropy(self.gate_logits(hidden, history))          # (B, T, E), ()
         selected = route(probs.detach(), self.cfg)                                # (B, T, E) bool
         weights = routing_weights(probs, selected, self.cfg.renormalize)          # (B, T, E)
-        compute = self.cfg.expert_compute
-        if compute == "auto":
-            compute = "slots" if hidden.is_cuda else "grouped"
-        mix = self.mix_experts_slots if compute == "slots" else self.mix_experts
-        output = mix(hidden, weights.to(hidden.dtype), selected)                  # (B, T, D)
+        output = self.mix_experts(hidden, weights.to(hidden.dtype), selected)     # (B, T, D)
         return MoEOutput(output, probs, selected, entropy)
 
     def mix_experts(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """sum_e w_e expert_e(x) over the selected (token, expert) pairs, sharing the frozen FFN.
+        """sum_e w_e expert_e(x) for hidden (B, T, D), weights (B, T, E), selected (B, T, E) -> (B, T, D)."""
+        compute = self.cfg.expert_compute
+        if compute == "auto":
+            compute = "pairs" if hidden.is_cuda else "grouped"
+        if compute == "pairs":
+            return self.mix_experts_pairs(hidden, weights, selected)
+        return self.mix_experts_grouped(hidden, weights, selected)
+
+    def mix_experts_grouped(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """sum_e w_e expert_e(x) over the selected (token, expert) pairs, expert by expert (best on CPU).
 
         The selected pairs are grouped by expert (one host sync for the group sizes); each expert then works
         on its own tokens only. Rows are gathered per expert with `gather_row_groups`, whose backward fills
@@ -313,50 +322,47 @@ class PersonalizedMoE(nn.Module):
             out = out + w.sum(dim=-1, keepdim=True) * base.down_proj.bias
         return out.reshape(b, t, d)
 
+    def mix_experts_pairs(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The same mixture with every selected (token, expert) pair in one flat batch and no loop over
+        experts: a few large kernels, for GPUs (one host sync, to count the pairs).
 
-    def mix_experts_slots(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """The same mixture with a fixed number K of expert slots per token (K = top_k, or max_experts under
-        threshold routing) and no loop over experts and no host sync, for GPUs.
-
-        Slot k of a token holds its k-th most probable expert; slots beyond the kept set carry weight 0, so
-        they change neither the output nor any gradient. The per-slot low-rank terms use block matrices:
-        the token's low-rank codes for all E experts, (N, E r), masked to the slot's expert, times the stacked
-        B (E r, F). That costs K E r F multiply-adds per token and projection, against D F for the base
-        projection: cheap where D is large (3B width, K = 5: +29%), not at SmolLM2 width (+150%).
+        The per-pair low-rank terms use block matrices: a token's low-rank codes for all E experts, (E r,),
+        masked to the pair's expert, times the stacked B (E r, F). That costs E r F multiply-adds per pair and
+        projection where a per-expert loop spends r F; it is cheap against the base projection's D F per
+        token where D is large (3B width, 5 pairs per token: +29%), less so at SmolLM2 width (+150%).
         """
         b, t, d = hidden.shape
         n = b * t
         e_count, r = self.cfg.num_experts, self.cfg.lora_r
-        k = min(self.cfg.top_k if self.cfg.routing == "topk" else self.cfg.max_experts, e_count)
         x = hidden.reshape(n, d)                                                    # (N, D)
         w = weights.reshape(n, -1)                                                  # (N, E)
         base, s, drop = self.base_mlp, self.scaling, self.lora_dropout
 
-        # the kept experts come first in the ranking by weight (unkept ones have weight 0)
-        slot_expert = w.detach().masked_fill(~selected.reshape(n, -1), -1.0).topk(k, dim=-1).indices  # (N, K)
-        slot_weight = w.gather(1, slot_expert)                                      # (N, K)
+        pair_token, pair_expert = selected.reshape(n, -1).nonzero(as_tuple=True)   # (P,), (P,)
+        pair_weight = w[pair_token, pair_expert][:, None]                          # (P, 1)
         experts = torch.arange(e_count, device=x.device)
-        slot_onehot = (slot_expert[..., None] == experts).to(x.dtype)               # (N, K, E); F.one_hot syncs
+        pair_onehot = (pair_expert[:, None] == experts).to(x.dtype)                 # (P, E); F.one_hot syncs
+        num_pairs = pair_token.numel()
 
         def stacked_in(A: torch.Tensor) -> torch.Tensor:     # (E, in, r) -> (in, E r)
             return A.permute(1, 0, 2).reshape(A.shape[1], e_count * r)
 
-        def per_slot_low_rank(codes: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-            """codes (N, E r) of every expert -> (N, K, out): each slot through its own expert's B."""
-            blocks = slot_onehot[..., None] * codes.view(n, 1, e_count, r)         # (N, K, E, r)
-            return (blocks.reshape(n * k, e_count * r) @ B.reshape(e_count * r, -1)).view(n, k, -1)
+        def per_pair_low_rank(codes: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            """codes (N, E r) of every expert -> (P, out): each pair through its own expert's B."""
+            blocks = pair_onehot[..., None] * codes[pair_token].view(num_pairs, e_count, r)   # (P, E, r)
+            return blocks.reshape(num_pairs, e_count * r) @ B.reshape(e_count * r, -1)
 
         gate_codes = s * (drop(x) @ stacked_in(self.lora_A_gate))                  # (N, E r)
         up_codes = s * (drop(x) @ stacked_in(self.lora_A_up))                      # (N, E r)
-        g = base.gate_proj(x)[:, None, :] + per_slot_low_rank(gate_codes, self.lora_B_gate)   # (N, K, F)
-        u = base.up_proj(x)[:, None, :] + per_slot_low_rank(up_codes, self.lora_B_up)         # (N, K, F)
-        a = base.act_fn(g) * u                                                      # (N, K, F)  a_e per slot
-        mixed = (slot_weight[..., None] * a).sum(dim=1)       # (N, F)  sum_e w_e a_e (a bmm here is slow on GPU)
+        g = base.gate_proj(x)[pair_token] + per_pair_low_rank(gate_codes, self.lora_B_gate)   # (P, F)
+        u = base.up_proj(x)[pair_token] + per_pair_low_rank(up_codes, self.lora_B_up)         # (P, F)
+        a = base.act_fn(g) * u                                                      # (P, F)  a_e per pair
+        mixed = x.new_zeros(n, self.ffn_dim).index_add_(0, pair_token, a * pair_weight)   # (N, F)
 
-        down_codes = (drop(a).reshape(n * k, -1) @ stacked_in(self.lora_A_down)).view(n, k, e_count, r)
-        slot_scale = (s * slot_weight)[..., None] * slot_onehot                     # (N, K, E)
-        down_codes = (down_codes * slot_scale[..., None]).sum(dim=1)               # (N, E, r)
-        lora_down = down_codes.reshape(n, e_count * r) @ self.lora_B_down.reshape(e_count * r, d)   # (N, D)
+        down_codes = (drop(a) @ stacked_in(self.lora_A_down)).view(num_pairs, e_count, r)  # (P, E, r)
+        down_codes = down_codes * ((s * pair_weight) * pair_onehot)[..., None]     # only the pair's expert
+        down_codes = x.new_zeros(n, e_count * r).index_add_(0, pair_token, down_codes.reshape(num_pairs, -1))
+        lora_down = down_codes @ self.lora_B_down.reshape(e_count * r, d)          # (N, D)
 
         out = F.linear(mixed, base.down_proj.weight) + lora_down                  # ONE base down projection
         if base.down_proj.bias is not None:
