@@ -446,3 +446,26 @@ def test_smollm2_builds_and_runs():
     assert len(out.personalized) == 2 and model.llama.config.hidden_size == 576
     counts = model.parameter_counts()
     assert 0 < counts["trainable"] < counts["total"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("pmoe", [True, False])
+def test_shared_prompt_prefix_equals_running_the_prompt_per_sample(attention, pmoe):
+    """run_backbone runs the prompt once per batch before the first P-MoE layer: same outputs and gradients."""
+    model = use_attention(make_model(use_prompt=True, use_personalized_moe=pmoe, pmoe_layers=(2, 3)), attention)
+    model.train(False)
+    batch = make_batch(B=3)
+    results = []
+    for share in (True, False):
+        model.share_prompt_prefix = share
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        loss, _ = model.loss(out, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.pred_xy.detach(), grads))
+    (pred_a, grads_a), (pred_b, grads_b) = results
+    torch.testing.assert_close(pred_a, pred_b, rtol=1e-5, atol=1e-4)
+    assert grads_a.keys() == grads_b.keys() and any("norm" in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -79,8 +79,31 @@ def distinct_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings / embeddings.pow(2).mean().sqrt().clamp_min(1e-12)
 
 
+class PrefixCache:
+    """The smallest cache transformers' attention accepts: `update(keys, values, layer_idx)`.
+
+    While `recording`, it stores the prompt's keys/values of each layer (batch 1) and returns them unchanged;
+    afterwards it returns them prepended, broadcast over the batch, to the trajectory's own keys/values.
+    """
+
+    def __init__(self) -> None:
+        self.recording = True
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.recording:
+            self.layers[layer_idx] = (keys, values)                                     # (1, kv_heads, P, hd)
+            return keys, values
+        prompt_keys, prompt_values = self.layers[layer_idx]
+        B = keys.shape[0]
+        return (torch.cat([prompt_keys.expand(B, -1, -1, -1), keys], dim=2),          # (B, kv_heads, P + S, hd)
+                torch.cat([prompt_values.expand(B, -1, -1, -1), values], dim=2))
+
+
 class NextLocMoE(nn.Module):
     """LLaMA backbone + Location Semantics MoE + Personalized MoE + history-aware router (paper Sec. 4)."""
+
+    share_prompt_prefix = True  # run the prompt once per batch where that is exact (see run_backbone)
 
     def __init__(self, cfg: ModelConfig, backbone: Backbone, norm_stats: Any,
                  candidates_xy: Any = None, candidate_function: Any = None):
@@ -213,14 +236,30 @@ class NextLocMoE(nn.Module):
     # backbone
 
     def run_backbone(self, tokens: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
-        """(B, T, D) input embeddings, h (B, 176) -> hidden states (B, T, D) BEFORE the final norm, P-MoE outputs."""
+        """(B, T, D) input embeddings, h (B, 176) -> hidden states (B, T, D) BEFORE the final norm, P-MoE outputs.
+
+        Shared prompt prefix: the prompt tokens attend only to each other (causal mask) and nothing specific to a
+        sample reaches them before the first Personalized MoE layer (whose gate reads h). Until that layer their
+        hidden states are the same for every sample, so we run the prompt once (batch 1) and let the trajectory
+        tokens attend to its cached keys/values: the same function (tested), at 45 instead of P + 45 tokens per
+        sample in those layers (with SmolLM2's prompt and P-MoE at layer 8: about half the backbone's work).
+        With several processes the returned prompt rows are the broadcast batch-1 states.
+        """
         x = tokens.to(self.backbone_dtype)
-        T = x.shape[1]
+        B, T, _ = x.shape
+        P = 0 if self.prompt_embeddings is None else self.prompt_embeddings.shape[0]
+        shared = min((int(i) for i in self.personalized_moe), default=len(self.llama.layers)) if P else 0
+        personalized = []
+        if shared > 0 and B > 1 and self.share_prompt_prefix:
+            x = self._run_shared_prefix(x, P, shared)                                  # (B, T, D) at layer `shared`
+        else:
+            shared = 0
         position_ids = torch.arange(T, device=x.device)[None]                          # (1, T)
         position_embeddings = self.llama.rotary_emb(x, position_ids=position_ids)       # (cos, sin), each (1, T, hd)
         mask = causal_attention_mask(self.llama.config, x, position_ids)
-        personalized = []
         for i, layer in enumerate(self.llama.layers):
+            if i < shared:
+                continue
             moe = self.personalized_moe[str(i)] if str(i) in self.personalized_moe else None
             if moe is None:
                 out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
@@ -234,6 +273,33 @@ class NextLocMoE(nn.Module):
             x = x + moe_out.output                                                      # (B, T, D)
             personalized.append(moe_out)
         return x, personalized
+
+    def _run_shared_prefix(self, x: torch.Tensor, P: int, shared: int) -> torch.Tensor:
+        """Layers [0, shared): the prompt x[:1, :P] once, the trajectory x[:, P:] attending to its keys/values."""
+        B, T, _ = x.shape
+        S = T - P
+        prompt, trajectory = x[:1, :P], x[:, P:]                                        # (1, P, D), (B, S, D)
+        pos_p = torch.arange(P, device=x.device)[None]                                  # (1, P)
+        pos_s = torch.arange(P, T, device=x.device)[None]                               # (1, S)
+        rope_p = self.llama.rotary_emb(prompt, position_ids=pos_p)
+        rope_s = self.llama.rotary_emb(trajectory, position_ids=pos_s)
+        full_mask = causal_attention_mask(self.llama.config, x[:1], torch.arange(T, device=x.device)[None])
+        mask_p = None if full_mask is None else full_mask[..., :P, :P]
+        if full_mask is None:   # sdpa's implicit causal mask: build the rectangular one (query j sees keys <= P + j)
+            mask_s = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=P)[None, None]  # (1, 1, S, T)
+        else:
+            mask_s = full_mask[..., P:, :]                                              # (1, 1, S, T)
+        cache = PrefixCache()
+        for layer in self.llama.layers[:shared]:
+            cache.recording = True
+            out = layer(prompt, attention_mask=mask_p, position_ids=pos_p, position_embeddings=rope_p,
+                        past_key_values=cache)
+            prompt = out[0] if isinstance(out, tuple) else out
+            cache.recording = False
+            out = layer(trajectory, attention_mask=mask_s, position_ids=pos_s, position_embeddings=rope_s,
+                        past_key_values=cache)
+            trajectory = out[0] if isinstance(out, tuple) else out
+        return torch.cat([prompt.expand(B, -1, -1), trajectory], dim=1)                 # (B, T, D)
 
     # ------------------------------------------------------------------------------------------------------
     # forward, loss, predictions
