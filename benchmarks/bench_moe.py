@@ -11,7 +11,15 @@ Forward + backward time (frozen base weights, gradients to the input and to ever
     moe_topk2             PersonalizedMoE, top-2 routing
     naive_threshold       the reference formulation: 11 deep copies of the FFN, every expert on every token
 
-at SmolLM2 width (d 576, ffn 1536; 32 x 80 tokens) and at LLaMA-3.2-3B width (d 3072, ffn 8192; fewer
+Every MoE method is timed once per `expert_compute` formulation (grouped, pairs, dense, fused; column
+`expert_compute`), all in the same round-robin, so the formulations are compared under the same load. The
+reference `naive_threshold` and the dense layers appear once.
+
+The run also prints (and stores in the JSON, key "cost_model") the floor: the FLOPs of the dense FFN's
+forward + backward against the extra FLOPs of the expert terms per selected (token, expert) pair, and the
+F-wide memory traffic of those terms as each formulation runs them (see `cost_model`).
+
+Measured at SmolLM2 width (d 576, ffn 1536; 32 x 80 tokens) and at LLaMA-3.2-3B width (d 3072, ffn 8192; fewer
 tokens on a CPU). Methods are timed round-robin (one repeat of each in turn) after warm-up, so a change in
 background load affects all of them alike; the table gives medians. Target: moe_threshold <= 1.5 x ffn.
 
@@ -36,9 +44,10 @@ from tqdm import tqdm
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from nextlocmoe.errors import ConfigError
 from nextlocmoe.io import provenance, write_json_atomic, write_text_atomic
-from nextlocmoe.model.personalized_moe import (LoRAExpertFFN, NaivePersonalizedMoE, PersonalizedMoE,
-                                               PersonalizedMoEConfig)
+from nextlocmoe.model.personalized_moe import (EXPERT_COMPUTES, LoRAExpertFFN, NaivePersonalizedMoE,
+                                               PersonalizedMoE, PersonalizedMoEConfig)
 
 HISTORY_DIM = 176   # TCN history summary width (reference)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,7 +100,7 @@ def sharpen_gate(moe: PersonalizedMoE, hidden, history, target_mean: float = 2.0
 
 
 def build(width: Width, device: str, dtype: torch.dtype, seed: int, lora_dropout: float = 0.02,
-          expert_compute: str = "auto") -> dict[str, tuple[nn.Module, bool]]:
+          expert_computes: tuple[str, ...] = ("auto",)) -> dict[str, tuple[nn.Module, bool]]:
     """Every method at this width: name -> (module, is_moe)."""
     torch.manual_seed(seed)
     mlp = LlamaMLP(LlamaConfig(hidden_size=width.d_model, intermediate_size=width.d_ffn)).to(device, dtype)
@@ -100,7 +109,7 @@ def build(width: Width, device: str, dtype: torch.dtype, seed: int, lora_dropout
     cfg = PersonalizedMoEConfig(lora_dropout=lora_dropout)
 
     def moe(**overrides) -> PersonalizedMoE:
-        layer_cfg = PersonalizedMoEConfig(lora_dropout=lora_dropout, expert_compute=expert_compute, **overrides)
+        layer_cfg = PersonalizedMoEConfig(lora_dropout=lora_dropout, **overrides)
         layer = PersonalizedMoE(mlp, HISTORY_DIM, role_keys, layer_cfg).to(device, dtype)
         with torch.no_grad():   # non-zero B, as after some training (B = 0 would not change the cost)
             for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
@@ -109,25 +118,28 @@ def build(width: Width, device: str, dtype: torch.dtype, seed: int, lora_dropout
 
     lora_ffn = LoRAExpertFFN(mlp, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout).to(device, dtype)
     threshold = moe()
-    sharp = moe()
-    sharp.gate.load_state_dict(threshold.gate.state_dict())
-    return {
-        "ffn": (mlp, False),
-        "lora_ffn": (lora_ffn, False),
-        "moe_threshold": (threshold, True),
-        "moe_threshold_sharp": (sharp, True),
-        "moe_topk2": (moe(routing="topk"), True),
-        "naive_threshold": (NaivePersonalizedMoE.from_efficient(threshold), True),
-    }
+    methods = {"ffn": (mlp, False), "lora_ffn": (lora_ffn, False)}
+    for compute in expert_computes:
+        # every formulation shares the threshold layer's weights: same routing, same function
+        for name, layer in (("moe_threshold", threshold), ("moe_threshold_sharp", threshold),
+                            ("moe_topk2", threshold)):
+            twin = moe(routing="topk") if name == "moe_topk2" else moe()
+            twin.load_state_dict(layer.state_dict())
+            twin.cfg.expert_compute = compute
+            methods[f"{name}[{compute}]"] = (twin, True)
+    methods["naive_threshold"] = (NaivePersonalizedMoE.from_efficient(threshold), True)
+    return methods
 
 
 def bench_width(width: Width, device: str, dtype: torch.dtype, repeats: int, warmup: int, seed: int,
-                lora_dropout: float, expert_compute: str) -> list[dict]:
-    methods = build(width, device, dtype, seed, lora_dropout, expert_compute)
+                lora_dropout: float, expert_computes: tuple[str, ...]) -> list[dict]:
+    methods = build(width, device, dtype, seed, lora_dropout, expert_computes)
     hidden = torch.randn(width.batch, width.seq, width.d_model, device=device, dtype=dtype)   # (B, T, D)
     history = torch.randn(width.batch, HISTORY_DIM, device=device, dtype=dtype)              # (B, D_h)
     readout = torch.randn_like(hidden)
-    sharpen_gate(methods["moe_threshold_sharp"][0], hidden, history)
+    for name, (module, _) in methods.items():
+        if name.startswith("moe_threshold_sharp"):
+            sharpen_gate(module, hidden, history)
     for module, _ in methods.values():
         module.train()
 
@@ -166,7 +178,7 @@ def bench_width(width: Width, device: str, dtype: torch.dtype, repeats: int, war
         ms = statistics.median(times[name]) * 1e3
         rows.append({
             "width": width.name, "d_model": width.d_model, "d_ffn": width.d_ffn,
-            "tokens": width.batch * width.seq, "method": name,
+            "tokens": width.batch * width.seq, "method": name.split("[")[0],
             "median_ms": round(ms, 3), "min_ms": round(min(times[name]) * 1e3, 3),
             "max_ms": round(max(times[name]) * 1e3, 3),
             "x_ffn": round(ms / ffn_ms, 3), "x_lora_ffn": round(ms / lora_ms, 3),
@@ -180,9 +192,53 @@ def bench_width(width: Width, device: str, dtype: torch.dtype, repeats: int, war
 
 def resolved_compute(module: nn.Module, device: str) -> str:
     if isinstance(module, PersonalizedMoE):
-        compute = module.cfg.expert_compute
-        return ("pairs" if device.startswith("cuda") else "grouped") if compute == "auto" else compute
-    return "naive" if isinstance(module, NaivePersonalizedMoE) else "dense"
+        return module.resolved_expert_compute(torch.device(device))
+    return "naive" if isinstance(module, NaivePersonalizedMoE) else "dense_ffn"
+
+
+# F-wide memory passes per selected (token, expert) pair, forward + backward, counted from the code: every
+# elementwise op, gather and scatter reads and/or writes one (pairs, F) row per pair. "grouped" runs the
+# per-pair work through autograd (gathers of g0/u0 and their scatter-add backward, addmm, act, mul, weight,
+# dropout, index_add, each with its backward); "fused" keeps nothing F-wide between forward and backward and
+# recomputes g, u, a in the backward (9 passes forward, ~20 backward). A single fused kernel would need ~0:
+# a pair's rank-16 codes and its expert's B fit in cache, only g0/u0/mixed per TOKEN touch memory.
+F_WIDE_PASSES = {"grouped": 38, "fused": 29}
+
+
+def cost_model(width: Width, bytes_per_element: int, lora_r: int = 16) -> dict:
+    """The floor of the MoE's extra cost over the dense FFN, per token and per selected pair.
+
+    Dense frozen FFN, forward + backward (gradient to the input only):  3 matmuls x 2 D F forward,
+    3 x 2 D F backward = 12 D F FLOPs per token.
+    Expert terms per pair: LoRA gate/up (D -> r -> F) and down (F -> r -> D), 2 r (D + F) FLOPs each
+    forward; backward twice that (input and weight gradients): 18 r (D + F). The activation product
+    act(g + dg_e) (u + du_e), its weighting and accumulation: ~10 F forward, ~20 F backward (negligible).
+    Bytes: each F-wide pass moves F x bytes_per_element per pair; `F_WIDE_PASSES` counts the passes.
+    """
+    d, f = width.d_model, width.d_ffn
+    ffn_flops = 12 * d * f
+    pair_flops = 18 * lora_r * (d + f) + 30 * f
+    return {
+        "width": width.name, "d_model": d, "d_ffn": f, "bytes_per_element": bytes_per_element,
+        "ffn_flops_per_token": ffn_flops,
+        "pair_flops": pair_flops,
+        "flop_floor_x_ffn_at_5_pairs": round(1 + 5 * pair_flops / ffn_flops, 3),
+        "flop_floor_x_ffn_at_2_pairs": round(1 + 2 * pair_flops / ffn_flops, 3),
+        "pair_bytes": {mode: passes * f * bytes_per_element for mode, passes in F_WIDE_PASSES.items()},
+        "ffn_flops_per_pair_byte": {mode: round(ffn_flops / (passes * f * bytes_per_element), 1)
+                                    for mode, passes in F_WIDE_PASSES.items()},
+    }
+
+
+def print_cost_model(costs: list[dict]) -> None:
+    print("\nfloor (FLOPs): dense FFN fwd+bwd = 12 D F per token; expert terms = 18 r (D + F) + ~30 F per pair")
+    for c in costs:
+        print(f"  {c['width']:12s} FFN {c['ffn_flops_per_token'] / 1e6:7.1f} MFLOP/token, pair "
+              f"{c['pair_flops'] / 1e6:5.2f} MFLOP -> FLOP floor {c['flop_floor_x_ffn_at_5_pairs']:.2f}x FFN at "
+              f"5 pairs/token, {c['flop_floor_x_ffn_at_2_pairs']:.2f}x at 2; F-wide traffic per pair: "
+              + ", ".join(f"{m} {b / 1e3:.0f} kB" for m, b in c["pair_bytes"].items())
+              + " (the FFN does " + ", ".join(f"{v:g}" for v in c["ffn_flops_per_pair_byte"].values())
+              + " FLOPs per token for each such byte per pair: the pairs are memory-bound)")
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -208,8 +264,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: every core available). On a machine that other jobs keep busy, "
                              "fewer threads than cores avoids stalls at each operator's thread barrier")
-    parser.add_argument("--expert-compute", default="auto", choices=["auto", "grouped", "pairs"],
-                        help="PersonalizedMoE's computation (auto: pairs on CUDA, grouped on CPU)")
+    parser.add_argument("--expert-compute", default="grouped,pairs,dense,fused",
+                        help="comma-separated PersonalizedMoE formulations to time side by side "
+                             f"(any of {list(EXPERT_COMPUTES)})")
     parser.add_argument("--lora-dropout", type=float, default=0.02,
                         help="LoRA dropout of every method (reference 0.02; layers run in training mode)")
     args = parser.parse_args(argv)
@@ -219,26 +276,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     dtype = DTYPES[args.dtype]
     chosen = set(args.widths.split(","))
+    expert_computes = tuple(args.expert_compute.split(","))
+    unknown = [c for c in expert_computes if c not in EXPERT_COMPUTES]
+    if unknown:
+        raise ConfigError(f"--expert-compute: {unknown} unknown; expected a comma-separated subset of "
+                          f"{list(EXPERT_COMPUTES)}")
     rows = []
     for width in widths_for(args.device):
         if width.name in chosen:
             width.batch = args.batch or width.batch
             width.seq = args.seq or width.seq
             rows += bench_width(width, args.device, dtype, args.repeats, args.warmup, args.seed, args.lora_dropout,
-                                args.expert_compute)
+                                expert_computes)
 
-    header = f"{'width':12s} {'tokens':>6s} {'method':20s} {'median ms':>10s} {'x ffn':>7s} {'x lora_ffn':>10s} {'experts':>7s}"
+    header = (f"{'width':12s} {'tokens':>6s} {'method':20s} {'compute':9s} {'median ms':>10s} {'x ffn':>7s} "
+              f"{'x lora_ffn':>10s} {'experts':>7s}")
     print(header)
     for r in rows:
         experts = "" if r["active_experts"] is None else f"{r['active_experts']:.2f}"
-        print(f"{r['width']:12s} {r['tokens']:6d} {r['method']:20s} {r['median_ms']:10.2f} {r['x_ffn']:7.2f} "
-              f"{r['x_lora_ffn']:10.2f} {experts:>7s}")
+        print(f"{r['width']:12s} {r['tokens']:6d} {r['method']:20s} {r['expert_compute']:9s} {r['median_ms']:10.2f} "
+              f"{r['x_ffn']:7.2f} {r['x_lora_ffn']:10.2f} {experts:>7s}")
+    costs = [cost_model(w, torch.finfo(dtype).bits // 8) for w in widths_for(args.device) if w.name in chosen]
+    print_cost_model(costs)
 
     write_text_atomic(os.path.join(args.results, "bench_moe.csv"), to_csv(rows))
     write_json_atomic(os.path.join(args.results, "bench_moe.json"), {
         "provenance": provenance("bench", seed=args.seed, device_arg=args.device, dtype=args.dtype,
                                  threads=threads, repeats=args.repeats, warmup=args.warmup,
                                  lora_dropout=args.lora_dropout, expert_compute=args.expert_compute),
+        "cost_model": costs,
         "rows": rows,
     })
     return rows
