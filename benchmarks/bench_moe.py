@@ -11,7 +11,7 @@ Forward + backward time (frozen base weights, gradients to the input and to ever
     moe_topk2             PersonalizedMoE, top-2 routing
     naive_threshold       the reference formulation: 11 deep copies of the FFN, every expert on every token
 
-Every MoE method is timed once per `expert_compute` formulation (grouped, pairs, dense, fused; column
+Every MoE method is timed once per `expert_compute` formulation (grouped, pairs; column
 `expert_compute`), all in the same round-robin, so the formulations are compared under the same load. The
 reference `naive_threshold` and the dense layers appear once.
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: every core available). On a machine that other jobs keep busy, "
                              "fewer threads than cores avoids stalls at each operator's thread barrier")
-    parser.add_argument("--expert-compute", default="grouped,pairs,dense,fused",
+    parser.add_argument("--expert-compute", default="grouped,pairs",
                         help="comma-separated PersonalizedMoE formulations to time side by side "
                              f"(any of {list(EXPERT_COMPUTES)})")
     parser.add_argument("--lora-dropout", type=float, default=0.02,

@@ -20,15 +20,11 @@ Two formulations of the same function live here:
       y   = W_down (sum_e w_e a_e) + sum_e w_e s B_down,e A_down,e a_e
 
   so the three big matmuls run once per token whatever the number of experts, and only the (token, expert)
-  pairs that routing selected are computed at all. Four ways to run it give the same function
+  pairs that routing selected are computed at all. Two ways to run it give the same function
   (`expert_compute`; "auto" picks per device from `AUTO_EXPERT_COMPUTE`):
     "grouped"  loops over the experts, each on its own tokens, through autograd (fewest FLOPs);
     "pairs"    puts all selected pairs in one batch and multiplies block-stacked LoRA matrices (a few large
-               kernels instead of a loop; fastest on a GPU, where every launched operation costs time);
-    "dense"    computes every expert for every token and weights by the routing weights, zero where not
-               selected (no gather/scatter, static shapes; E / pairs-per-token times the per-pair work);
-    "fused"    `_FusedExpertMixture`, one autograd Function over the F-wide per-pair work, run in cache-sized
-               blocks, keeping nothing F-wide for the backward, which recomputes it.
+               kernels instead of a loop; fastest on a GPU, where every launched operation costs time).
 
   Where the time goes (`benchmarks/bench_moe.py` prints this floor): the dense frozen FFN costs 12 D F FLOPs
   per token forward + backward; each selected pair adds 18 r (D + F) FLOPs of LoRA (+ ~30 F elementwise):
@@ -41,10 +37,14 @@ Two formulations of the same function live here:
   Measured forward + backward over a dense FFN (results/bench_moe.csv: CPU fp32, 1 thread on a shared 2-core
   machine, 2,560 tokens at SmolLM2 width; one H100 run, bf16, 20,480 tokens at the 3B width), at ~5 / ~1.7 /
   2 (top-2) experts per token:
-      CPU   grouped 2.66 / 1.73 / 1.76x  fused 2.87 / 1.67 / 1.65x  pairs 4.46 / 2.50 / 2.64x  dense 5.2 / 4.3 / 4.6x
-      H100  grouped 8.0 / 3.7 / 4.0x     fused 8.6 / 3.7 / 4.2x     pairs 5.4 / 2.6 / 2.9x     dense 10.2 / 10.2 / 10.2x
-  so "auto" keeps grouped on CPU (fused is within noise of it, ahead only at sharp routing) and pairs on GPUs.
-  torch.compile of the per-expert block was tried on CPU: ~22 s to compile for a 3% gain, so it was dropped.
+      CPU   grouped 2.66 / 1.73 / 1.76x   pairs 4.46 / 2.50 / 2.64x
+      H100  grouped 8.0 / 3.7 / 4.0x      pairs 5.4 / 2.6 / 2.9x
+  so "auto" keeps grouped on CPU and pairs on GPUs.
+  Tried and dropped (same measurements): dense masked over all experts (every expert on every token, zero
+  weight where not selected): CPU 5.2 / 4.3 / 4.6x, H100 10.2 / 10.2 / 10.2x; fused custom autograd with
+  recompute (one Function over the F-wide per-pair work in cache-sized blocks, the backward recomputing it):
+  CPU 2.87 / 1.67 / 1.65x (within noise of grouped, ahead only at sharp routing), H100 8.6 / 3.7 / 4.2x;
+  torch.compile of the per-expert block (CPU): ~22 s to compile for a 3% gain.
 * `NaivePersonalizedMoE`, the reference code's formulation (one deep copy of the FFN per expert, every expert
   on every token); kept as the trusted baseline of the tests and the benchmark.
 """
@@ -63,7 +63,7 @@ from torch import nn
 from ..errors import ConfigError
 
 ROUTINGS = ("threshold", "topk")
-EXPERT_COMPUTES = ("auto", "grouped", "pairs", "dense", "fused")
+EXPERT_COMPUTES = ("auto", "grouped", "pairs")
 # what "auto" runs on each device type: the fastest in benchmarks/bench_moe.py (results/bench_moe.csv)
 AUTO_EXPERT_COMPUTE = {"cpu": "grouped", "cuda": "pairs"}
 
@@ -82,10 +82,8 @@ class PersonalizedMoEConfig:
                                    # matches the Location Semantics MoE gate 352->128->5 of the reference)
     renormalize: bool = False      # divide the kept probabilities by their sum; False as in the reference
     expert_compute: str = "auto"   # ours: "grouped" (loop over experts on their own tokens), "pairs" (all
-                                   # selected pairs in one batch, block matmuls), "dense" (every expert on every
-                                   # token, masked weights), "fused" (one autograd Function, recomputing
-                                   # backward); "auto" = the fastest measured per device (AUTO_EXPERT_COMPUTE).
-                                   # Same function every way.
+                                   # selected pairs in one batch, block matmuls); "auto" = the fastest
+                                   # measured per device (AUTO_EXPERT_COMPUTE). Same function every way.
 
     def validate(self) -> "PersonalizedMoEConfig":
         checks = [
@@ -395,189 +393,6 @@ class PersonalizedMoE(nn.Module):
         if base.down_proj.bias is not None:
             out = out + w.sum(dim=-1, keepdim=True) * base.down_proj.bias
         return out.reshape(b, t, d)
-
-    def mix_experts_dense(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """The same mixture computed for EVERY (token, expert) pair, weighted by the routing weights, which are
-        zero for the experts routing dropped: no gather, no scatter, no host sync, static shapes.
-
-        The low-rank codes of all experts come from one matmul with the stacked A (D, E r); the F-wide terms
-        are batched over the experts with einsum over the stacked B (E, r, F). It costs E / (pairs per token)
-        times the per-pair work of `grouped` (2.2x at 5 experts per token, ~6x after the gate sharpens) and
-        holds (N, E, F) tensors, so it only pays where launching kernels costs more than moving memory.
-        """
-        b, t, d = hidden.shape
-        n = b * t
-        e_count, r = self.cfg.num_experts, self.cfg.lora_r
-        x = hidden.reshape(n, d)                                                    # (N, D)
-        w = weights.reshape(n, e_count)                                             # (N, E), 0 where dropped
-        base, s, drop = self.base_mlp, self.scaling, self.lora_dropout
-
-        def codes(x_in: torch.Tensor, A: torch.Tensor) -> torch.Tensor:     # (N, in), (E, in, r) -> (N, E, r)
-            return (x_in @ A.permute(1, 0, 2).reshape(A.shape[1], e_count * r)).view(-1, e_count, r)
-
-        g = base.gate_proj(x)[:, None] + s * torch.einsum("ner,erf->nef", codes(drop(x), self.lora_A_gate),
-                                                          self.lora_B_gate)      # (N, E, F)
-        u = base.up_proj(x)[:, None] + s * torch.einsum("ner,erf->nef", codes(drop(x), self.lora_A_up),
-                                                        self.lora_B_up)          # (N, E, F)
-        a = base.act_fn(g) * u                                                      # (N, E, F)
-        mixed = torch.einsum("ne,nef->nf", w, a)                                    # (N, F)
-        down_codes = torch.einsum("nef,efr->ner", drop(a), self.lora_A_down) * (s * w)[..., None]   # (N, E, r)
-        lora_down = down_codes.reshape(n, e_count * r) @ self.lora_B_down.reshape(e_count * r, d)  # (N, D)
-
-        out = F.linear(mixed, base.down_proj.weight) + lora_down                  # ONE base down projection
-        if base.down_proj.bias is not None:
-            out = out + w.sum(dim=-1, keepdim=True) * base.down_proj.bias
-        return out.reshape(b, t, d)
-
-    def mix_experts_fused(self, hidden: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """The same mixture with the F-wide per-pair work inside one autograd Function, `_FusedExpertMixture`.
-
-        Everything narrow stays in ordinary autograd: the base gate/up projections (once per token), the
-        low-rank codes of all experts (one matmul with the stacked A, (D, E r)), the pair weights, and the down
-        LoRA's second factor. The Function takes the pairs grouped by expert and returns the mixture
-        sum_e w_e a_e (N, F) and each pair's down-LoRA code drop(a_e) A_down,e (P, r). Its forward walks the
-        pairs in row blocks of about `_FUSED_BLOCK_ELEMENTS` elements, so each block's g_e, u_e, a_e stay in
-        cache and are reused in place; nothing F-wide per pair is kept for the backward, which recomputes
-        the block (two rank-r matmuls and the activation) instead of reading stored tensors back from memory.
-        """
-        b, t, d = hidden.shape
-        n = b * t
-        e_count, r = self.cfg.num_experts, self.cfg.lora_r
-        x = hidden.reshape(n, d)                                                    # (N, D)
-        w = weights.reshape(n, e_count)                                             # (N, E)
-        base, s, drop = self.base_mlp, self.scaling, self.lora_dropout
-
-        pair_token, pair_expert = selected.reshape(n, -1).nonzero(as_tuple=True)   # (P,), (P,)
-        order = pair_expert.argsort(stable=True)                                   # group the pairs by expert
-        pair_token, pair_expert = pair_token[order], pair_expert[order]
-        counts = torch.bincount(pair_expert, minlength=e_count).tolist()           # the one host sync
-
-        def pair_codes(x_in: torch.Tensor, A: torch.Tensor) -> torch.Tensor:   # -> (P, r), scaled by s
-            all_codes = (x_in @ A.permute(1, 0, 2).reshape(A.shape[1], e_count * r)).view(n, e_count, r)
-            return s * all_codes[pair_token, pair_expert]
-
-        gate_codes = pair_codes(drop(x), self.lora_A_gate)                         # (P, r)
-        up_codes = pair_codes(drop(x), self.lora_A_up)                             # (P, r)
-        pair_weight = w[pair_token, pair_expert]                                   # (P,)
-        dropout_p = drop.p if self.training else 0.0
-        mixed, down_in = _FusedExpertMixture.apply(
-            base.gate_proj(x), base.up_proj(x), gate_codes, up_codes, pair_weight,
-            self.lora_B_gate, self.lora_B_up, self.lora_A_down,
-            pair_token, counts, base.act_fn, dropout_p)                            # (N, F), (P, r)
-
-        # the down LoRA's codes per token and expert, (N, E r), then ONE matmul with the stacked B (E r, D)
-        down_codes = torch.zeros(n, e_count, r, device=x.device, dtype=down_in.dtype)
-        down_codes = down_codes.index_put((pair_token, pair_expert), down_in * (s * pair_weight)[:, None])
-        lora_down = down_codes.reshape(n, e_count * r) @ self.lora_B_down.reshape(e_count * r, d)   # (N, D)
-
-        out = F.linear(mixed, base.down_proj.weight) + lora_down                  # ONE base down projection
-        if base.down_proj.bias is not None:
-            out = out + w.sum(dim=-1, keepdim=True) * base.down_proj.bias
-        return out.reshape(b, t, d)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the fused mixture (expert_compute="fused")
-
-# Rows per block of the fused mixture: about this many elements per F-wide block tensor. On a CPU 2^19 fp32
-# elements (2 MiB) keep a block's g, u and a in the L2/L3 caches; on a GPU blocks only bound the memory, and
-# each block costs ~25 kernel launches, so they are made large.
-_FUSED_BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 26}
-
-
-def _pair_blocks(counts: list[int], ffn_dim: int, device: torch.device) -> list[tuple[int, int, int]]:
-    """(expert, first pair, end pair) row blocks over pairs grouped by expert, `counts[e]` pairs for expert e."""
-    rows = max(1, _FUSED_BLOCK_ELEMENTS.get(device.type, _FUSED_BLOCK_ELEMENTS["cuda"]) // ffn_dim)
-    blocks, start = [], 0
-    for expert, count in enumerate(counts):
-        blocks += [(expert, lo, min(lo + rows, start + count)) for lo in range(start, start + count, rows)]
-        start += count
-    return blocks
-
-
-def _activation_backward(act_fn: nn.Module, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """grad * act'(pre): SiLU (LLaMA's activation) by its closed form, any other activation by autograd."""
-    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":   # transformers' SiLU module
-        return torch.ops.aten.silu_backward(grad, pre)
-    with torch.enable_grad():
-        leaf = pre.detach().requires_grad_(True)
-        return torch.autograd.grad(act_fn(leaf), leaf, grad)[0]
-
-
-class _FusedExpertMixture(torch.autograd.Function):
-    """For pairs p grouped by expert e(p), with t(p) the pair's token and c_p the pair's LoRA codes (scaled):
-
-        g_p = g0[t(p)] + c_gate,p B_gate,e(p)        u_p = u0[t(p)] + c_up,p B_up,e(p)       a_p = act(g_p) u_p
-        mixed[t] = sum_{p of t} w_p a_p              (N, F)
-        down_in[p] = dropout(a_p) A_down,e(p)        (P, r)
-
-    computed block by block. The backward recomputes g_p, u_p and a_p per block (two rank-r matmuls and one
-    activation) rather than keeping 3 F-wide tensors per pair alive between forward and backward; only the
-    dropout masks (1 byte per element, and only while dropout is active) are kept.
-    """
-
-    @staticmethod
-    def forward(ctx, gate_base, up_base, gate_codes, up_codes, pair_weight, B_gate, B_up, A_down,
-                pair_token, counts, act_fn, dropout_p):
-        blocks = _pair_blocks(counts, gate_base.shape[1], gate_base.device)
-        keep_scale = 1.0 / (1.0 - dropout_p)
-        mixed = torch.zeros_like(gate_base)                                         # (N, F)
-        down_in = gate_codes.new_empty(gate_codes.shape[0], A_down.shape[2])        # (P, r)
-        masks = []
-        for e, lo, hi in blocks:
-            tokens = pair_token[lo:hi]                                              # (n,)
-            g = torch.addmm(gate_base.index_select(0, tokens), gate_codes[lo:hi], B_gate[e])   # (n, F)
-            u = torch.addmm(up_base.index_select(0, tokens), up_codes[lo:hi], B_up[e])         # (n, F)
-            a = act_fn(g).mul_(u)                                                   # (n, F)
-            if dropout_p > 0:
-                mask = torch.rand_like(a) >= dropout_p                              # (n, F) bool
-                masks.append(mask)
-                down_in[lo:hi] = (a * mask) @ A_down[e] * keep_scale
-            else:
-                down_in[lo:hi] = a @ A_down[e]
-            mixed.index_add_(0, tokens, a.mul_(pair_weight[lo:hi, None]))
-        ctx.save_for_backward(gate_base, up_base, gate_codes, up_codes, pair_weight, B_gate, B_up, A_down,
-                              pair_token, *masks)
-        ctx.blocks, ctx.act_fn, ctx.dropout_p = blocks, act_fn, dropout_p
-        return mixed, down_in
-
-    @staticmethod
-    def backward(ctx, grad_mixed, grad_down_in):
-        gate_base, up_base, gate_codes, up_codes, pair_weight, B_gate, B_up, A_down, pair_token, *masks = \
-            ctx.saved_tensors
-        act_fn, dropout_p = ctx.act_fn, ctx.dropout_p
-        keep_scale = 1.0 / (1.0 - dropout_p)
-        grad_gate_base, grad_up_base = torch.zeros_like(gate_base), torch.zeros_like(up_base)   # (N, F)
-        grad_gate_codes, grad_up_codes = torch.empty_like(gate_codes), torch.empty_like(up_codes)  # (P, r)
-        grad_pair_weight = torch.empty_like(pair_weight)                                        # (P,)
-        grad_B_gate, grad_B_up, grad_A_down = (torch.zeros_like(p) for p in (B_gate, B_up, A_down))
-        for i, (e, lo, hi) in enumerate(ctx.blocks):
-            tokens = pair_token[lo:hi]
-            g = torch.addmm(gate_base.index_select(0, tokens), gate_codes[lo:hi], B_gate[e])   # (n, F) recomputed
-            u = torch.addmm(up_base.index_select(0, tokens), up_codes[lo:hi], B_up[e])         # (n, F)
-            act_g = act_fn(g)
-            a = act_g * u                                                           # (n, F)
-            grad_out = grad_mixed.index_select(0, tokens)                           # (n, F)
-            grad_pair_weight[lo:hi] = (a * grad_out).sum(dim=-1)
-            grad_a = grad_out.mul_(pair_weight[lo:hi, None])                        # (n, F) from the mixture
-            grad_code = grad_down_in[lo:hi]                                         # (n, r)
-            if dropout_p > 0:
-                mask = masks[i]
-                grad_A_down[e].addmm_(a.mul_(mask).T, grad_code, alpha=keep_scale)
-                grad_a.add_((grad_code @ A_down[e].T).mul_(mask), alpha=keep_scale)
-            else:
-                grad_A_down[e].addmm_(a.T, grad_code)
-                grad_a.addmm_(grad_code, A_down[e].T)                               # ... and from the down LoRA
-            grad_u = grad_a * act_g                                                 # (n, F)
-            grad_g = _activation_backward(act_fn, grad_a.mul_(u), g)                # (n, F)
-            grad_gate_base.index_add_(0, tokens, grad_g)
-            grad_up_base.index_add_(0, tokens, grad_u)
-            grad_gate_codes[lo:hi] = grad_g @ B_gate[e].T
-            grad_up_codes[lo:hi] = grad_u @ B_up[e].T
-            grad_B_gate[e].addmm_(gate_codes[lo:hi].T, grad_g)
-            grad_B_up[e].addmm_(up_codes[lo:hi].T, grad_u)
-        return (grad_gate_base, grad_up_base, grad_gate_codes, grad_up_codes, grad_pair_weight,
-                grad_B_gate, grad_B_up, grad_A_down, None, None, None, None)
 
 
 class _GatherRowGroups(torch.autograd.Function):
