@@ -1,4 +1,4 @@
-"""Command line: `nextlocmoe prepare|train|evaluate --profile ... [--config FILE] [--set section.field=value]`.
+"""Command line: `nextlocmoe prepare|train|evaluate|run --profile ... [--config FILE] [--set section.field=value]`.
 
 Errors a user can fix (missing file, bad column, unknown parameter) print one line naming what is wrong
 and exit with status 2; anything else is a bug and keeps its traceback.
@@ -41,7 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", default=None, help="run directory holding best.pt (default: runs/<profile>)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+
+    p = sub.add_parser("run", help="run a named experiment of the profile's plan and write results/<experiment>.*")
+    p.add_argument("experiment", choices=["supervised", "zero_shot", "ablations", "efficiency", "all"],
+                   help="which experiment ('all' runs the four in this order)")
+    _add_common(p)
+    p.add_argument("--results", default="results", help="directory of results files (default: results)")
+    p.add_argument("--runs", default="runs/experiments",
+                   help="job results and trained models, reused across calls (default: runs/experiments)")
+    p.add_argument("--force", action="store_true", help="recompute every job instead of reading cached results")
+    p.add_argument("--humob", action="append", default=[], metavar="CITY=PATH",
+                   help="zero_shot: a HuMob city CSV (repeatable; the first city is the source of every pair)")
     return parser
+
+
+def _humob_paths(items: list[str]) -> dict[str, str] | None:
+    from .errors import ConfigError
+
+    paths = {}
+    for item in items:
+        city, sep, path = item.partition("=")
+        if not sep or not city or not path:
+            raise ConfigError(f"--humob '{item}' must look like CITY=PATH, e.g. --humob D=cityD-dataset.csv")
+        paths[city] = path
+    return paths or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg, out, resume=args.resume)
             print(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test,
                               "wall_s": round(result.wall_s, 1), "run_dir": str(out)}, indent=2))
+        elif args.command == "run":
+            from .experiments import EXPERIMENTS, run_experiment
+
+            names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+            humob = _humob_paths(args.humob)
+            for name in names:
+                result = run_experiment(name, args.profile, results_dir=args.results, runs_dir=args.runs,
+                                        force=args.force, config_path=args.config, overrides=args.overrides,
+                                        humob_paths=humob if name == "zero_shot" else None)
+                print(result.paths["md"].read_text())
         elif args.command == "evaluate":
             from .train import evaluate_checkpoint
 

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from .personalized_moe import PersonalizedMoEConfig
 
 HEADS = ("regression", "ranking")
+BACKBONE_INITS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,6 +51,13 @@ class ModelConfig:
     use_location_moe: bool = True    # off = current tokens use the plain coordinate projection
     use_personalized_moe: bool = True  # off = every layer keeps its dense frozen FFN
     use_history_router: bool = True  # off = both gates receive zeros instead of the TCN summary h
+    backbone_init: str = "pretrained"  # "random": same shapes and tokenizer, weights re-drawn from `seed` (ablation:
+                                       # what pretraining buys; for the random "tiny" backbone both are the same)
+
+    # NextLocLLM-style baseline (the paper's NextLocLLM comparison: same backbone, regression + KD-tree, no MoE)
+    dense_lora: bool = False         # ours: a LoRA on the gate/up/down projections of EVERY layer's FFN, with the P-MoE
+                                     # experts' r/alpha/dropout (reference 16/16/0.02), so the dense model has trainable
+                                     # capacity of the same order as the experts; needs use_personalized_moe=False
 
     # Personalized MoE (paper Sec. 4.2): 11 role experts, threshold routing 0.8 / at most 5, LoRA r=16
     personalized: PersonalizedMoEConfig = field(default_factory=PersonalizedMoEConfig)
@@ -102,6 +110,10 @@ class ModelConfig:
             ("location_top_k", 1 <= self.location_top_k <= 5, "1..5 (there are 5 function experts)"),
             ("location_gate_hidden", self.location_gate_hidden >= 1, "an integer >= 1"),
             ("head", self.head in HEADS, f"one of {list(HEADS)}"),
+            ("backbone_init", self.backbone_init in BACKBONE_INITS, f"one of {list(BACKBONE_INITS)}"),
+            ("dense_lora", not (self.dense_lora and self.use_personalized_moe),
+             "False while use_personalized_moe=True (the dense LoRA replaces the role experts: set "
+             "use_personalized_moe=False)"),
             ("entropy_weight", self.entropy_weight >= 0, "a weight >= 0"),
             ("ranking_entropy_weight", self.ranking_entropy_weight >= 0, "a weight >= 0"),
             ("ranking_distance_weight", self.ranking_distance_weight >= 0, "a weight >= 0"),

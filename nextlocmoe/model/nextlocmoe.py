@@ -13,10 +13,16 @@
 
 The transformer layers are transformers' own LlamaDecoderLayer modules, called in our loop so that the
 Personalized MoE can receive h; attention, rotary embeddings and the causal mask are the library's.
+
+Two switches turn the same class into the comparisons of the experiments: `dense_lora=True` with the MoEs
+and the router off is the NextLocLLM-style baseline (a LoRA on every dense FFN instead of role experts), and
+`backbone_init="random"` keeps the backbone's shapes and tokenizer but re-draws its weights (the
+pretrained-vs-random ablation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, NamedTuple
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
 from ..data.schema import FUNCTIONS
@@ -34,7 +41,7 @@ from .features import TokenFeatures, TokenProjections
 from .heads import RankingHead, RegressionHead, final_norm_float32
 from .history_router import HistoryRouter
 from .location_moe import LocationSemanticsMoE
-from .personalized_moe import MoEOutput, PersonalizedMoE
+from .personalized_moe import LoRALinear, MoEOutput, PersonalizedMoE
 from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_names
 
 BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
@@ -180,6 +187,12 @@ class NextLocMoE(nn.Module):
             self.head = RankingHead(d_model, self._zscore(self.candidates_xy), torch.from_numpy(self.candidate_function),
                                     cfg.coord_dim, cfg.ranking_dim, cfg.ranking_fourier_features,
                                     cfg.ranking_fourier_max_scale, cfg.ranking_id_embedding, seed=cfg.seed)
+
+        # --- NextLocLLM-style baseline: a LoRA on every dense FFN (built last, so that every other module draws
+        # the same random numbers with and without it)
+        if cfg.dense_lora:
+            add_dense_lora(self.llama, cfg.personalized.lora_r, cfg.personalized.lora_alpha,
+                           cfg.personalized.lora_dropout)
 
         # Everything inside the backbone runs in the backbone's dtype; new modules outside it stay float32.
         self.personalized_moe.to(self.backbone_dtype)
@@ -395,17 +408,51 @@ class NextLocMoE(nn.Module):
         params = list(self.parameters())
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
+        dense_lora = sum(count(m.lora_A) + count(m.lora_B) for m in self.llama.modules() if isinstance(m, LoRALinear))
         return {
             "total": total,
             "trainable": trainable,
             "frozen": total - trainable,
-            "trainable_backbone_norms": count(self.llama),
+            "trainable_backbone_norms": count(self.llama) - dense_lora,
+            "trainable_dense_lora": dense_lora,
             "trainable_personalized_moe": count(self.personalized_moe),
             "trainable_location_moe": count(self.location_moe),
             "trainable_history_router": count(self.history_router),
             "trainable_token_features": count(self.token_features) + count(self.token_projections),
             "trainable_head": count(self.head),
         }
+
+
+def add_dense_lora(llama: nn.Module, r: int, alpha: float, dropout: float) -> int:
+    """Wrap gate/up/down of every decoder layer's FFN in a LoRALinear (frozen base + trainable low-rank update).
+
+    The NextLocLLM-style baseline's trainable capacity inside the backbone: the same adapter as one role expert
+    of the Personalized MoE, on every layer instead of 11 experts on two layers. LoRA B starts at zero, so the
+    wrapped model computes exactly the frozen FFN until training moves it. Returns the number of wrapped layers.
+    """
+    wrapped = 0
+    for layer in llama.layers:
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            projection = getattr(mlp, name)
+            if isinstance(projection, LoRALinear):
+                raise ConfigError(f"add_dense_lora: layer {wrapped} already holds a LoRA on {name}")
+            setattr(mlp, name, LoRALinear(projection, r, alpha, dropout))
+        wrapped += 1
+    return wrapped
+
+
+def randomly_initialised(backbone: Backbone, seed: int) -> Backbone:
+    """The same backbone (config, depth, tokenizer, dtype, device) with freshly drawn weights: the
+    pretrained-vs-random ablation. transformers' own initialisation, seeded by `seed`."""
+    if backbone.model is None:
+        raise ConfigError(f"backbone '{backbone.name}' has no model to re-initialise (loaded with config_only)")
+    weight = backbone.model.get_input_embeddings().weight
+    torch.manual_seed(seed)
+    with torch.device(weight.device):
+        model = LlamaForCausalLM._from_config(backbone.model.config, dtype=weight.dtype)
+    return dataclasses.replace(backbone, model=model.eval(), source=f"{backbone.source}+random-init",
+                               config=model.config)
 
 
 def build_model(cfg: ModelConfig, norm_stats: Any, candidates_xy: Any = None,
@@ -418,4 +465,6 @@ def build_model(cfg: ModelConfig, norm_stats: Any, candidates_xy: Any = None,
     """
     cfg.validate()
     backbone = load_backbone(cfg.backbone, cfg.num_layers, dtype=cfg.torch_dtype, seed=cfg.seed)
+    if cfg.backbone_init == "random":
+        backbone = randomly_initialised(backbone, cfg.seed)
     return NextLocMoE(cfg, backbone, norm_stats, candidates_xy, candidate_function)
