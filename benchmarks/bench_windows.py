@@ -35,7 +35,7 @@ DAYS, SLOTS, GRID = 60, 48, 200   # HuMob: 75 days, of which 60 unmasked; 30-min
 
 
 def write_humob_like(path: Path, users: int, records: int, seed: int = 0) -> int:
-    """A HuMob-format CSV with about `records` rows: users active on most days, home/work/other cells."""
+    """A HuMob-format CSV with about `records` rows: users active on most days, visiting home, work and other cells."""
     rng = np.random.default_rng(seed)
     per_user_rate = rng.uniform(0.5, 1.5, users) * records / (users * DAYS * SLOTS * 0.9)   # slot probability
     active_day = rng.random((users, DAYS)) < 0.9                  # idle days give the > 24 h gaps

@@ -25,6 +25,7 @@ import yaml
 
 from .data.config import DataConfig, SyntheticConfig
 from .errors import ConfigError
+from .io import plain
 from .model.config import ModelConfig
 
 
@@ -57,7 +58,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
@@ -117,7 +118,7 @@ def load_config(profile: str = "cpu", path: str | Path | None = None,
     """Profile defaults, then a YAML file's values, then `section.field=value` overrides."""
     if profile not in PROFILES:
         raise ConfigError(f"--profile '{profile}' is unknown; expected one of {list(PROFILES)}")
-    cfg = _plain(PROFILES[profile]().to_dict())
+    cfg = plain(PROFILES[profile]().to_dict())
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -147,14 +148,6 @@ def load_config(profile: str = "cpu", path: str | Path | None = None,
 
 # ---------------------------------------------------------------------------------------------------
 # dataclass <-> plain dict
-
-def _plain(obj: Any) -> Any:
-    """Tuples become lists so YAML stays plain."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _merge(base: dict, new: dict, where: str) -> None:

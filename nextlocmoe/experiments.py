@@ -89,7 +89,7 @@ from .data.prepare import key_config, markdown_table, prepare, raw_checksum
 from .data.schema import MobilityData
 from .data.windows import Windows, make_windows
 from .errors import ConfigError, DataError
-from .io import device_name, provenance, stable_hash, write_json_atomic, write_text_atomic
+from .io import device_name, plain, provenance, stable_hash, write_json_atomic, write_text_atomic
 from .metrics import metrics_table
 from .model.backbone import RANDOM_BACKBONES
 from .model.config import ModelConfig
@@ -552,7 +552,7 @@ class Runner:
         files = [f"{self.name}.csv", f"{self.name}.md"]
         stamp = provenance(self.profile, seed=self.cfg.train.seed, data_checksum=checksums,
                            experiment=self.name, command=f"nextlocmoe run {self.name} --profile {self.profile}",
-                           wall_s=wall, plan=_plain(dataclasses.asdict(self.plan)), profile_config=self.cfg.to_dict(),
+                           wall_s=wall, plan=plain(dataclasses.asdict(self.plan)), profile_config=self.cfg.to_dict(),
                            decisions=self.decisions, notes=notes, files=files,
                            jobs=self.jobs, jobs_computed=self.computed, jobs_cached=self.cached,
                            models_trained=self.trained)
@@ -571,13 +571,6 @@ class Runner:
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _explicit_keys(config_path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...]) -> set[str]:
@@ -1073,10 +1066,10 @@ def backbone_overhead(model_cfg: ModelConfig, windows: Windows, batch_sizes: tup
                 model.llama(inputs_embeds=embeds, use_cache=False)
 
         e2e = size / median_seconds(end_to_end, repeats, warmup, device)
-        plain = size / median_seconds(bare, repeats, warmup, device)
+        bare_rate = size / median_seconds(bare, repeats, warmup, device)
         metrics[f"e2e_samples_per_s_b{size}"] = e2e
-        metrics[f"bare_backbone_samples_per_s_b{size}"] = plain
-        metrics[f"e2e_over_bare_b{size}"] = e2e / plain
+        metrics[f"bare_backbone_samples_per_s_b{size}"] = bare_rate
+        metrics[f"e2e_over_bare_b{size}"] = e2e / bare_rate
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

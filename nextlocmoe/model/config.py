@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..io import plain
 from .personalized_moe import PersonalizedMoEConfig
 
 HEADS = ("regression", "ranking")
@@ -130,19 +131,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (tuples become lists), ready for YAML."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return _from_plain(cls, d, "model")
 
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _from_plain(cls: type, d: dict[str, Any], where: str) -> Any:
