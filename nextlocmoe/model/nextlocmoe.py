@@ -184,7 +184,7 @@ class NextLocMoE(nn.Module):
         else:
             if self.candidates_xy is None or self.candidate_function is None:
                 raise ConfigError("model.head='ranking' needs candidates_xy (L, 2) and candidate_function (L,)")
-            self.head = RankingHead(d_model, self._zscore(self.candidates_xy), torch.from_numpy(self.candidate_function),
+            self.head = RankingHead(d_model, self._zscore(self.candidates_xy), torch.from_numpy(self.candidate_function.copy()),
                                     cfg.coord_dim, cfg.ranking_dim, cfg.ranking_fourier_features,
                                     cfg.ranking_fourier_max_scale, cfg.ranking_id_embedding, seed=cfg.seed)
 
