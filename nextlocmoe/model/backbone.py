@@ -14,6 +14,8 @@ Backbones known by name (DESIGN.md section 2, "Backbones that install offline"):
     "tiny"                a small randomly initialised LLaMA (d 64) for tests and the smoke profile.
     "llama3.2-3b-shape"   a randomly initialised model with LLaMA-3.2-3B's shapes, for measuring cost at the
                           paper's scale (FLOPs and memory do not depend on the weights' values).
+    "compact:<dir>"       a compact export of the first N SmolLM2 layers (nextlocmoe.model.compact), small
+                          enough to carry to a machine without the 98 MB GGUF
     anything else         a local directory or a hub id loaded with `from_pretrained` (e.g. the paper's
                           gated meta-llama/Llama-3.2-3B for users who hold it).
 
@@ -80,7 +82,7 @@ class Backbone:
     tokenizer_encode: Callable[[str], list[int]]   # text -> token ids, no special tokens added
     name: str                                      # the name or path it was loaded from
     num_layers_full: int                           # decoder layers of the untruncated model
-    source: str                                    # "gguf", "gguf-cache", "random", "random-meta", "config", "pretrained"
+    source: str                                    # "gguf", "gguf-cache", "compact", "random", "random-meta", "config", "pretrained"
     config: LlamaConfig | None = None              # the (truncated) model config
 
     @property
@@ -282,7 +284,8 @@ def load_backbone(name_or_path: str, num_layers: int | None, dtype: torch.dtype 
                   use_cache: bool = True, cache_dir: str | os.PathLike | None = None) -> Backbone:
     """Load a backbone truncated to its first `num_layers` decoder layers (None keeps all). Paper Sec. 4.
 
-    name_or_path  "smollm2", "tiny", "llama3.2-3b-shape", or a local model directory / hub id
+    name_or_path  "smollm2", "tiny", "llama3.2-3b-shape", a compact export ("compact:<dir>", or a directory
+                  holding its manifest: nextlocmoe.model.compact), or a local model directory / hub id
     dtype         parameter dtype (the paper runs bf16; tests use float32)
     seed          seeds the random initialisation of "tiny" and "llama3.2-3b-shape"
     config_only   random backbones only: return the config and tokenizer with model=None
@@ -298,6 +301,9 @@ def load_backbone(name_or_path: str, num_layers: int | None, dtype: torch.dtype 
                           f"backbones {list(RANDOM_BACKBONES)} only")
     if name_or_path == "smollm2":
         return _load_smollm2(num_layers, dtype, use_cache, cache_dir)
+    from .compact import COMPACT_PREFIX, is_compact_dir, load_compact   # late import: compact imports this module
+    if name_or_path.startswith(COMPACT_PREFIX) or is_compact_dir(Path(name_or_path).expanduser()):
+        return load_compact(Path(name_or_path.removeprefix(COMPACT_PREFIX)).expanduser(), num_layers, dtype)
     return _load_pretrained(name_or_path, num_layers, dtype)
 
 
