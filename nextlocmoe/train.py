@@ -217,8 +217,16 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
                         f"{ {k: float(v) for k, v in parts.items()} }); the last good checkpoint is kept at "
                         f"{last_path if last_path.exists() else 'none (first epoch)'}. Try a lower train.lr.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.clip_norm:
-                    accelerator.clip_grad_norm_(params, tc.clip_norm)
+                if accelerator.sync_gradients:
+                    # A finite loss can still have non-finite gradients; one such step would corrupt every
+                    # parameter it touches, so stop before the optimizer applies it.
+                    grad_norm = accelerator.clip_grad_norm_(params, tc.clip_norm if tc.clip_norm else math.inf)
+                    if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                        raise TrainingDiverged(
+                            f"gradients became non-finite (norm {float(grad_norm)}) at epoch {epoch + 1}, step "
+                            f"{step + 1} although the loss was {loss.item():.6g}; the last good checkpoint is kept "
+                            f"at {last_path if last_path.exists() else 'none (first epoch)'}. Try a lower train.lr "
+                            "or train.mixed_precision=no.")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in parts.items():

@@ -86,3 +86,30 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_non_finite_gradients_stop_before_the_step(smoke_cfg, smoke_windows, tmp_path, monkeypatch):
+    from nextlocmoe.model import nextlocmoe as model_module
+
+    real_loss = model_module.NextLocMoE.loss
+
+    def poisoned(self, out, batch):
+        loss, parts = real_loss(self, out, batch)
+        return _NaNGradient.apply(loss), parts
+
+    monkeypatch.setattr(model_module.NextLocMoE, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="gradients became non-finite .* at epoch 1, step 1"):
+        train(smoke_cfg, tmp_path, windows=smoke_windows)
+    assert not (tmp_path / "last.pt").exists()
