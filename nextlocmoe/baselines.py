@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .utils import as_numpy, default, exists
 
 SEQUENCE_KEYS = ("hist_location", "cur_location", "hist_weekday", "cur_weekday", "hist_hour", "cur_hour")
 
@@ -51,26 +52,11 @@ SEQUENCE_KEYS = ("hist_location", "cur_location", "hist_weekday", "cur_weekday",
 # ---------------------------------------------------------------------------------------------------
 # helpers
 
-def exists(value: Any) -> bool:
-    return value is not None
-
-
-def default(value: Any, fallback: Any) -> Any:
-    return value if exists(value) else fallback
-
-
-def _numpy(value: Any) -> np.ndarray:
-    """numpy view of a numpy array or a (possibly GPU) torch tensor."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def _get(batch: dict[str, Any], key: str) -> np.ndarray:
     if key not in batch:
         raise DataError(f"batch lacks key '{key}'; expected the dict of Windows.batch "
                         f"(hist_*, cur_*, target_*, user, subuser)")
-    return _numpy(batch[key])
+    return as_numpy(batch[key])
 
 
 def candidates_xy_of(windows: Any) -> np.ndarray:
@@ -553,7 +539,7 @@ def evaluate_baseline(model: Baseline, windows: Any, split: str = "test", batch_
             raise DataError(f"baseline '{model.name}' returned scores of shape {tuple(scores.shape)}; "
                             f"expected ({len(batch['target_location'])}, {len(candidates_xy)})")
         ranks.append(ranks_from_scores(scores, batch["target_location"]))
-        top1 = _numpy(scores.argmax(1) if isinstance(scores, torch.Tensor) else scores.argmax(axis=1))
+        top1 = as_numpy(scores.argmax(1) if isinstance(scores, torch.Tensor) else scores.argmax(axis=1))
         errors.append(np.linalg.norm(candidates_xy[top1.astype(np.int64)]
                                      - np.asarray(batch["target_xy"], dtype=np.float64), axis=1))
     return retrieval_metrics(np.concatenate(ranks), ks=ks, distance_error_m=np.concatenate(errors))

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .utils import as_numpy, default, exists
 
 WEEKDAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")   # Windows.weekday: 0 = Monday
 
@@ -70,20 +71,6 @@ QUESTION = "Which place id will this person visit next? Reply with the JSON list
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-def exists(value: Any) -> bool:
-    return value is not None
-
-
-def default(value: Any, fallback: Any) -> Any:
-    return value if exists(value) else fallback
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
 
 def _model_device(model: Any) -> torch.device:
     device = getattr(model, "device", None)
@@ -234,7 +221,7 @@ def batch_prompts(batch: dict[str, Any], codec: TextCodec, cfg: LLMMobConfig) ->
     missing = [k for k in keys if k not in batch]
     if missing:
         raise DataError(f"batch lacks keys {missing}; expected the dict of Windows.batch")
-    arrays = [_numpy(batch[k]) for k in keys]
+    arrays = [as_numpy(batch[k]) for k in keys]
     return [render_prompt(prompt_messages(*(a[i] for a in arrays), cfg=cfg), codec, cfg)
             for i in range(len(arrays[0]))]
 
@@ -297,7 +284,7 @@ def ranks_from_ranked_ids(ranked_lists: Sequence[Sequence[int]], target_ids: Any
     """(B,) int64 rank of each target: its position in the list (1-based), or L + 1 when the list omits it."""
     scores = scores_from_ranked_ids(ranked_lists, n_locations)                # (B, L)
     ranks = ranks_from_scores(scores, target_ids)                             # (B,)
-    target_ids = _numpy(target_ids).astype(np.int64)
+    target_ids = as_numpy(target_ids).astype(np.int64)
     named = np.isfinite(scores[np.arange(len(scores)), target_ids])           # (B,)
     return np.where(named, ranks, miss_rank(n_locations)).astype(np.int64)
 
@@ -374,7 +361,7 @@ class LLMMob:
         output = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             generation_config=_generation_config(cfg, self.codec.pad_id, self.codec.eos_ids))
-        new = _numpy(output[:, longest:]).tolist()                                            # (B, <= new)
+        new = as_numpy(output[:, longest:]).tolist()                                            # (B, <= new)
         answers = []
         for ids, prompt_ids in zip(new, encoded):
             ended = [j for j, token in enumerate(ids) if token in self.codec.eos_ids]
@@ -391,7 +378,7 @@ class LLMMob:
         n_locations = windows.n_locations
         return [Prediction(answer, parse_ranked_ids(cfg.answer_prefix + answer.text, n_locations, cfg.top_k,
                                                     answer.truncated), int(target))
-                for answer, target in zip(answers, _numpy(batch["target_location"]))]
+                for answer, target in zip(answers, as_numpy(batch["target_location"]))]
 
     def evaluate(self, windows: Any, split: str = "test", cfg: LLMMobConfig | None = None) -> dict[str, float]:
         """Hit@k, NDCG@k, MRR, top-1 distance error, parse and speed figures on (a subsample of) one split.

@@ -22,13 +22,7 @@ TINY_NEURAL = dict(embedding_dim=16, hidden_dim=32, layers=1, heads=2, dropout=0
                    batch_size=32, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny networks run fastest on one thread; several threads on a shared, loaded CPU spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mobility(sequences: list[list[int]], n_locations: int, seed: int = 0) -> MobilityData:

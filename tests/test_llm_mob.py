@@ -24,13 +24,7 @@ START = pd.Timestamp("2024-05-06 07:00")   # a Monday
 VISIT = re.compile(r"\((\w{3}), (\d\d):00, (\d+)\)")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The CPU is shared; tiny models run fastest on one thread anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_windows(n_locations: int = 300, n_users: int = 6, length: int = 24, seed: int = 0):
