@@ -156,7 +156,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
 
     out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch),
-    history.csv and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
+    history.csv (one row per epoch), steps.csv (one row per training batch: loss parts, routing entropies)
+    and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
     interruption would (tests use it to check that `resume=True` reproduces an uninterrupted run).
     """
     t0 = time.perf_counter()
@@ -177,7 +178,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
                                                            patience=tc.plateau_patience)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[])
+    # `steps` keeps every training batch's loss parts (routing entropy over training is drawn from it)
+    state = dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[], steps=[])
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
@@ -229,8 +231,10 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
                             "or train.mixed_precision=no.")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            values = {k: float(v) for k, v in parts.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            state["steps"].append({"epoch": epoch + 1, "step": len(state["steps"]) + 1, **values})
             n_batches += 1
             bar.set_postfix(loss=f"{loss.item():.4g}")
 
@@ -272,6 +276,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     if accelerator.is_main_process:
         with atomic_path(out_dir / "history.csv") as tmp:
             history.to_csv(tmp, index=False)
+        with atomic_path(out_dir / "steps.csv") as tmp:
+            pd.DataFrame(state.get("steps", [])).to_csv(tmp, index=False)
         write_json_atomic(out_dir / "metrics.json", {
             "best_epoch": best["epoch"], "val": best["val"], "test": test,
             "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")},

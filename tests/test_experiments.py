@@ -303,7 +303,7 @@ def test_ablations_choose_the_head_by_validation_and_vary_one_thing(supervised_r
 
 def test_depth_ablation_keeps_the_pmoe_layers_at_the_top_of_the_stack():
     paper = ModelConfig(backbone="tiny", num_layers=12, pmoe_layers=(8, 10))
-    plan = dataclasses.replace(PLANS["cpu"], ablations=("depth", "experts"), expert_counts=(1,))
+    plan = dataclasses.replace(PLANS["cpu"], ablations=("depth", "experts"), expert_counts=(1,), depths=(4, 8, 12))
     variants = ablation_variants(paper, plan)
     assert variants["depth_4"][1].pmoe_layers == (0, 2) and variants["depth_8"][1].pmoe_layers == (4, 6)
     assert "depth_12" not in variants
