@@ -1,6 +1,9 @@
 # NextLocMoE companion. Two commands do everything:
-#   make reproduce   create .venv, install, run the main job on the embedded default data
-#   make test        create/refresh the same .venv and run the test suite
+#   make reproduce   create .venv, install, execute notebooks/00..06 with papermill (PROFILE=cpu by default:
+#                    in place, regenerating results/ and figures/); PROFILE=smoke|gpu|paper write to
+#                    runs/notebooks/<profile>/ instead
+#   make test        create/refresh the same .venv; unit tests, then every notebook on the smoke profile,
+#                    then nbval (lax) re-runs them and compares the cells marked NBVAL_CHECK_OUTPUT
 # Re-running either is fast: the environment is rebuilt only when pyproject.toml or constraints.txt change.
 
 PYTHON ?= python3
@@ -24,10 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(VENV)/bin/nextlocmoe prepare --profile $(PROFILE)
+	$(VENV)/bin/nextlocmoe notebooks --profile $(PROFILE)
+
+SMOKE_NOTEBOOKS := runs/notebooks/smoke/notebooks
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(VENV)/bin/nextlocmoe notebooks --profile smoke --device cpu
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax $(SMOKE_NOTEBOOKS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_windows.py

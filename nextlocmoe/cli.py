@@ -1,4 +1,4 @@
-"""Command line: `nextlocmoe prepare|train|evaluate|run --profile ... [--config FILE] [--set section.field=value]`.
+"""Command line: `nextlocmoe prepare|train|evaluate|run|notebooks --profile ... [--config FILE] [--set section.field=value]`.
 
 Errors a user can fix (missing file, bad column, unknown parameter) print one line naming what is wrong
 and exit with status 2; anything else is a bug and keeps its traceback.
@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute every job instead of reading cached results")
     p.add_argument("--humob", action="append", default=[], metavar="CITY=PATH",
                    help="zero_shot: a HuMob city CSV (repeatable; the first city is the source of every pair)")
+
+    p = sub.add_parser("notebooks", help="execute the ordered notebooks with papermill (what `make reproduce` runs)")
+    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
+                   help="profile passed to every notebook (default: cpu, executed in place and committed)")
+    p.add_argument("--out", default=None,
+                   help="relative output root for notebooks/, results/, figures/ (default: '.' for cpu, "
+                        "runs/notebooks/<profile> otherwise)")
+    p.add_argument("--only", action="append", default=None, metavar="NAME.ipynb",
+                   help="run only this notebook (repeatable; default: all, in order)")
+    p.add_argument("--force", action="store_true", help="recompute cached experiment jobs and models")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
 
 
@@ -70,6 +81,13 @@ def _humob_paths(items: list[str]) -> dict[str, str] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "notebooks":
+            from .notebooks import run_notebooks
+
+            records = run_notebooks(args.profile, out=args.out, names=args.only, force=args.force,
+                                    device=args.device)
+            print(json.dumps(records, indent=2))
+            return 0
         cfg = load_config(args.profile, args.config, args.overrides)
         if args.command == "prepare":
             from .data.prepare import dataset_statistics, prepare, write_statistics

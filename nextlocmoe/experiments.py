@@ -1185,6 +1185,72 @@ def run_experiment(name: str, profile: str = "smoke", *, results_dir: str | os.P
     return result
 
 
+def plan_datasets(profile: str, *, cache_dir: str | os.PathLike = ".cache/windows",
+                  plan: dict[str, Any] | None = None) -> dict[str, Windows]:
+    """The windows of every dataset the profile's plan names, by name (built or read from the cache)."""
+    runner = Runner("supervised", profile, cache_dir=cache_dir, plan=plan)
+    return {name: runner.dataset(name).windows for name in runner.plan.datasets}
+
+
+@dataclass
+class TrainedModel:
+    """A model the supervised experiment trains (and shares with the others): where it is and how it did."""
+    method: str
+    dataset: str
+    config: ExperimentConfig
+    run_dir: Path                    # train() output: config.yaml, best.pt, history.csv, steps.csv, metrics.json
+    record: dict[str, Any]           # val / test metrics, best epoch, parameters, windows, training wall time
+    windows: Windows                 # the full windows of the dataset (train.limited gives the model's subsample)
+
+
+def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
+                     runs_dir: str | os.PathLike = "runs/experiments", cache_dir: str | os.PathLike = ".cache/windows",
+                     force: bool = False, plan: dict[str, Any] | None = None) -> TrainedModel:
+    """Train (or reuse) `method` on `dataset` exactly as the supervised experiment does, at its budget.
+
+    Notebook 01 calls this to train the profile's models and show their curves; the supervised table then
+    reads the same cached model instead of training it again (the cache key is the config and the data).
+    """
+    if method not in MODEL_METHODS:
+        raise ConfigError(f"method '{method}' is not a trained model; expected one of {list(MODEL_METHODS)}")
+    runner = Runner("supervised", profile, runs_dir=runs_dir, cache_dir=cache_dir, force=force, plan=plan)
+    if dataset not in runner.plan.datasets:
+        raise ConfigError(f"dataset '{dataset}' is not in the {profile} plan; expected one of "
+                          f"{list(runner.plan.datasets)}")
+    data = runner.dataset(dataset)
+    cfg = runner.job_config(data.config, method_model_config(method, runner.cfg.model), runner.plan.budget)
+    record = runner.trained_model(cfg, data)
+    return TrainedModel(method, dataset, cfg, runner.runs_dir / record["dir"], record, data.windows)
+
+
+def write_training_summary(models: dict[str, TrainedModel], profile: str,
+                           results_dir: str | os.PathLike = "results") -> dict[str, Path]:
+    """results/training.{csv,md,json}: validation and test metrics, best epoch, parameters and wall time of
+    the models notebook 01 trains (the JSON sidecar stamps provenance)."""
+    rows = []
+    for method, m in models.items():
+        extra = {"best_epoch": m.record["best_epoch"], "train_wall_s": m.record["train_wall_s"],
+                 "trainable_params": m.record["parameters"]["trainable"], "total_params": m.record["parameters"]["total"]}
+        for split in ("val", "test"):
+            rows.append({"method": method, "kind": METHOD_KIND[method], "dataset": m.dataset, "split": split,
+                         **m.record[split], **extra})
+    table = metrics_table(rows, id_columns=("method", "kind", "dataset", "split"))
+    pivot = table.pivot_table(index=["method", "dataset", "split"], columns="metric", values="value", sort=False)
+    shown = [c for c in ("hit@1", "hit@5", "hit@10", "mrr", "dist_median_m", "best_epoch", "train_wall_s")
+             if c in pivot.columns]
+    md = markdown_table(pivot[shown].reset_index().round(4))
+    results = Path(results_dir)
+    checksums = {m.dataset: m.windows.meta.get("checksum") for m in models.values()}
+    first = next(iter(models.values()))
+    return {
+        "csv": write_text_atomic(results / "training.csv", table.to_csv(index=False)),
+        "md": write_text_atomic(results / "training.md", md),
+        "json": write_json_atomic(results / "training.json", provenance(
+            profile, seed=first.config.train.seed, data_checksum=checksums, files=["training.csv", "training.md"],
+            runs={k: str(m.run_dir) for k, m in models.items()}, config={k: m.config.to_dict() for k, m in models.items()})),
+    }
+
+
 def supervised(profile: str = "smoke", **options: Any) -> ExperimentResult:
     """Experiment 3: every method x dataset of the profile on the same windows (see run_experiment)."""
     return run_experiment("supervised", profile, **options)

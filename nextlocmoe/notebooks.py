@@ -1,0 +1,276 @@
+"""Run the ordered notebooks end to end with papermill (`make reproduce`, `nextlocmoe notebooks`).
+
+Where things go. The cpu profile is the one whose outputs are committed: it executes the notebooks IN PLACE
+(notebooks/*.ipynb keep the outputs of the run that wrote results/ and figures/). Every other profile writes
+to a separate tree, runs/notebooks/<profile>/{notebooks,results,figures}, so that CI's smoke run or a trial gpu
+run never overwrites what is committed; `--out .` publishes any profile in place (the gpu reproduction does).
+
+Each notebook has a cell tagged `parameters` (profile, results_dir, figures_dir, runs_dir, force, device);
+papermill injects the values after it. The kernel runs in the project root, so every relative path means the
+same thing as on the command line. After a notebook ran, absolute paths of this machine (project root, home,
+the interpreter's prefix) are replaced in its outputs and metadata, so executed notebooks can be committed.
+
+A failing cell stops the run: the error names the notebook and the cell (its number and first line) and
+`nextlocmoe notebooks` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, NextLocMoEError
+from .io import atomic_path
+
+NOTEBOOKS = (
+    "00_data_preparation.ipynb",
+    "01_training.ipynb",
+    "02_supervised.ipynb",
+    "03_zero_shot.ipynb",
+    "04_ablations.ipynb",
+    "05_efficiency.ipynb",
+    "06_expert_visualisation.ipynb",
+)
+PUBLISHED_PROFILE = "cpu"     # the profile whose executed notebooks, results and figures are committed
+SHOWS_TAG = "shows:"          # a cell tagged "shows:<file>" displays results/<file> verbatim (tests compare them)
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The directory holding pyproject.toml and nextlocmoe/, searched upwards from `start` (default: cwd)."""
+    here = Path(start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "pyproject.toml").is_file() and (candidate / "nextlocmoe").is_dir():
+            return candidate
+    raise NextLocMoEError(f"no project root (a directory with pyproject.toml and nextlocmoe/) above {here}; "
+                          "open the notebooks from a checkout of the project")
+
+
+def enter_project_root() -> Path:
+    """chdir to the project root (a notebook opened in notebooks/ then sees the same relative paths)."""
+    root = project_root()
+    os.chdir(root)
+    return root
+
+
+def select_device(device: str = "auto") -> str:
+    """'auto' | 'cpu' | 'cuda' -> the device the library will use ('cpu' hides GPUs if CUDA is not yet in use)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is invalid; expected 'auto', 'cpu' or 'cuda'")
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise ConfigError("device='cuda' was asked for but torch sees no CUDA device; use device='auto' or 'cpu'")
+    if device == "cpu" and available:
+        raise ConfigError("device='cpu' was asked for but CUDA was already initialised in this kernel; restart it")
+    return "cuda" if available else "cpu"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one execution reads and writes (paths relative to the project root)."""
+    notebooks: Path     # executed notebooks
+    results: Path
+    figures: Path
+    runs: Path          # experiment jobs and trained models (shared across profiles: keys include the config)
+
+    def parameters(self, profile: str, force: bool, device: str) -> dict[str, Any]:
+        return {"profile": profile, "results_dir": str(self.results), "figures_dir": str(self.figures),
+                "runs_dir": str(self.runs), "force": force, "device": device}
+
+
+def layout_for(profile: str, out: str | os.PathLike | None = None) -> Layout:
+    """In place for the published profile (or out='.'), else runs/notebooks/<profile>/..."""
+    if out is None:
+        out = "." if profile == PUBLISHED_PROFILE else f"runs/notebooks/{profile}"
+    out = Path(out)
+    if out.is_absolute():
+        raise ConfigError(f"--out {out} must be relative to the project root (executed notebooks record it)")
+    return Layout(notebooks=out / "notebooks", results=out / "results", figures=out / "figures",
+                  runs=Path("runs/experiments"))
+
+
+def _machine_paths() -> list[str]:
+    """Absolute paths that must not appear in committed notebooks, longest first."""
+    paths = {str(project_root()), str(Path.home()), sys.prefix, sys.base_prefix, str(Path(sys.executable).parent)}
+    return sorted((p for p in paths if p and p != "/"), key=len, reverse=True)
+
+
+def scrub(text: str, paths: list[str] | None = None) -> str:
+    """Replace this machine's absolute paths: project root -> '.', home -> '~', interpreter prefix -> '<env>'."""
+    root = str(project_root())
+    for p in paths if paths is not None else _machine_paths():
+        replacement = "." if p == root else "~" if p == str(Path.home()) else "<env>"
+        text = text.replace(p, replacement)
+    return text
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~<>-])/(?:work|home|root|tmp|Users|opt|usr|var|mnt)/[\w.-]+")
+
+
+def absolute_paths(notebook: str | os.PathLike) -> list[str]:
+    """Absolute filesystem paths found anywhere in a notebook file (tests require none)."""
+    return sorted(set(ABSOLUTE_PATH.findall(Path(notebook).read_text())))
+
+
+def _scrub_notebook(path: Path) -> None:
+    text = scrub(path.read_text())
+    nb = json.loads(text)
+    nb.get("metadata", {}).get("papermill", {}).pop("environment_variables", None)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def _failed_cell(path: Path) -> str:
+    """'cell N (first line)' of the first cell whose output is an error, from papermill's written output."""
+    try:
+        nb = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "an unknown cell"
+    code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    for i, cell in enumerate(code, start=1):
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            first = "".join(cell.get("source", "")).strip().splitlines()
+            return f"code cell {i} ({first[0][:70] if first else 'empty'})"
+    return "an unknown cell"
+
+
+def run_notebooks(profile: str = PUBLISHED_PROFILE, *, out: str | os.PathLike | None = None,
+                  names: list[str] | tuple[str, ...] | None = None, force: bool = False, device: str = "auto",
+                  kernel: str = "python3", source_dir: str | os.PathLike = "notebooks") -> list[dict[str, Any]]:
+    """Execute the notebooks in order with papermill; returns one record (name, seconds, output) per notebook.
+
+    Runs from the project root. Raises NextLocMoEError naming the notebook and cell on the first failure.
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from .config import PROFILES
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile '{profile}' is unknown; expected one of {list(PROFILES)}")
+    root = enter_project_root()
+    names = list(names or NOTEBOOKS)
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ConfigError(f"notebooks {unknown} are unknown; expected names from {list(NOTEBOOKS)}")
+    layout = layout_for(profile, out)
+    for d in (layout.notebooks, layout.results, layout.figures):
+        d.mkdir(parents=True, exist_ok=True)
+    params = layout.parameters(profile, force, device)
+    records = []
+    for name in names:
+        source = Path(source_dir) / name
+        if not source.is_file():
+            raise NextLocMoEError(f"notebook {source} does not exist (run from a full checkout)")
+        target = layout.notebooks / name
+        started = time.perf_counter()
+        print(f"[{name}] profile={profile} -> {target}", flush=True)
+        # papermill writes cell by cell: execute into a hidden temporary file, rename it when all cells passed
+        partial = target.with_name(f".{name}.running.ipynb")
+        try:
+            pm.execute_notebook(str(source), str(partial), parameters=params, kernel_name=kernel, cwd=str(root),
+                                progress_bar=sys.stderr.isatty(), log_output=False,
+                                request_save_on_cell_execute=False)
+        except PapermillExecutionError as e:
+            failed = target.with_suffix(".failed.ipynb")
+            where = _failed_cell(partial)
+            if partial.exists():
+                partial.replace(failed)
+                _scrub_notebook(failed)
+            raise NextLocMoEError(f"notebook {name} failed in {where}: {e.ename}: {e.evalue} "
+                                  f"(the executed copy is kept at {failed})") from None
+        except BaseException:
+            partial.unlink(missing_ok=True)           # interrupted: never leave a half-executed notebook behind
+            raise
+        _scrub_notebook(partial)
+        partial.replace(target)
+        seconds = time.perf_counter() - started
+        print(f"[{name}] done in {seconds:.0f} s", flush=True)
+        records.append({"notebook": name, "seconds": round(seconds, 1), "output": str(target)})
+    problems = check_executed(layout.notebooks, layout.results, layout.figures, names)
+    if problems:
+        raise NextLocMoEError("executed notebooks disagree with their files:\n  " + "\n  ".join(problems))
+    return records
+
+
+
+class _MarkdownTable:
+    """A Markdown table whose plain-text form is the same Markdown (nbval compares text/plain outputs)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def _repr_markdown_(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def show_table(path: str | os.PathLike) -> None:
+    """Display a Markdown results table verbatim (a test checks the notebook shows exactly the file's text)."""
+    from IPython.display import display
+
+    path = Path(path)
+    if not path.is_file():
+        raise NextLocMoEError(f"{path} does not exist; run the cell that writes it (or the experiment) first")
+    display(_MarkdownTable(path.read_text()))
+
+
+def _outputs_text(cell: dict[str, Any], mime: str) -> list[str]:
+    texts = []
+    for out in cell.get("outputs", []):
+        data = out.get("data", {})
+        if mime in data:
+            value = data[mime]
+            texts.append("".join(value) if isinstance(value, list) else value)
+    return texts
+
+
+def check_executed(notebooks_dir: str | os.PathLike, results_dir: str | os.PathLike,
+                   figures_dir: str | os.PathLike, names: list[str] | tuple[str, ...] = NOTEBOOKS) -> list[str]:
+    """Problems of executed notebooks against the files they claim to show; [] when they agree.
+
+    * every cell tagged `shows:<file>` displays exactly the text of results/<file>;
+    * every PNG a notebook displays is byte-identical to a file in figures/;
+    * no cell output is an error, and no absolute path of this machine appears.
+    """
+    import base64
+
+    notebooks_dir, results_dir, figures_dir = Path(notebooks_dir), Path(results_dir), Path(figures_dir)
+    figures = {p.read_bytes(): p.name for p in figures_dir.glob("*.png")} if figures_dir.is_dir() else {}
+    problems = []
+    for name in names:
+        path = notebooks_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        nb = json.loads(path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        if not any(c.get("outputs") for c in code):
+            problems.append(f"{path}: has no outputs (not executed)")
+        for i, cell in enumerate(code, start=1):
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "error":
+                    problems.append(f"{path}: code cell {i} ends in {out.get('ename')}")
+            for tag in cell.get("metadata", {}).get("tags", []):
+                if tag.startswith(SHOWS_TAG):
+                    shown, file = _outputs_text(cell, "text/markdown"), results_dir / tag[len(SHOWS_TAG):]
+                    if not file.is_file():
+                        problems.append(f"{path}: code cell {i} shows {file}, which does not exist")
+                    elif shown != [file.read_text()]:
+                        problems.append(f"{path}: code cell {i} does not show the current text of {file}")
+            for png in _outputs_text(cell, "image/png"):
+                if base64.b64decode(png) not in figures:
+                    problems.append(f"{path}: code cell {i} displays a figure that is not a file in {figures_dir}")
+        found = absolute_paths(path)
+        if found:
+            problems.append(f"{path}: absolute paths {found[:3]}")
+    return problems
