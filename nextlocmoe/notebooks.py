@@ -52,7 +52,14 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
 
 
 def enter_project_root() -> Path:
-    """chdir to the project root (a notebook opened in notebooks/ then sees the same relative paths)."""
+    """chdir to the project root (a notebook opened in notebooks/ then sees the same relative paths).
+
+    Also silences tqdm's "IProgress not found" warning: without ipywidgets, tqdm.auto falls back to its text
+    bars, which is what we want in executed notebooks (papermill shows per-cell progress instead).
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message="IProgress not found")
     root = project_root()
     os.chdir(root)
     return root
@@ -120,10 +127,19 @@ def absolute_paths(notebook: str | os.PathLike) -> list[str]:
     return sorted(set(ABSOLUTE_PATH.findall(Path(notebook).read_text())))
 
 
-def _scrub_notebook(path: Path) -> None:
+def _scrub_notebook(path: Path, output_path: Path | None = None) -> None:
     text = scrub(path.read_text())
     nb = json.loads(text)
-    nb.get("metadata", {}).get("papermill", {}).pop("environment_variables", None)
+    meta = nb.get("metadata", {}).get("papermill", {})
+    meta.pop("environment_variables", None)
+    for key in ("input_path", "output_path"):      # relative to the project root, else the bare file name
+        if isinstance(meta.get(key), str) and Path(meta[key]).is_absolute():
+            try:
+                meta[key] = str(Path(meta[key]).relative_to(project_root()))
+            except ValueError:
+                meta[key] = Path(meta[key]).name
+    if output_path is not None and "papermill" in nb.get("metadata", {}):
+        meta["output_path"] = str(output_path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
@@ -189,7 +205,7 @@ def run_notebooks(profile: str = PUBLISHED_PROFILE, *, out: str | os.PathLike | 
         except BaseException:
             partial.unlink(missing_ok=True)           # interrupted: never leave a half-executed notebook behind
             raise
-        _scrub_notebook(partial)
+        _scrub_notebook(partial, output_path=target)
         partial.replace(target)
         seconds = time.perf_counter() - started
         print(f"[{name}] done in {seconds:.0f} s", flush=True)

@@ -357,3 +357,24 @@ def test_cli_run_reads_the_cache_and_reports_errors_in_one_line(supervised_run, 
     assert main(["run", "zero_shot", "--profile", "smoke", "--humob", "no-equals-sign"]) == 2
     err = capsys.readouterr().err
     assert "CITY=PATH" in err and "Traceback" not in err
+
+
+def test_summarize_states_the_best_method_and_nextlocmoe_rank_from_the_table():
+    from nextlocmoe.experiments import summarize
+
+    rows = []
+    for method, kind, h1, h10 in [("markov", "baseline", 0.10, 0.30), ("user_most_frequent", "baseline", 0.20, 0.50),
+                                  ("nextlocmoe", "paper method", 0.15, 0.60)]:
+        rows += [{"experiment": "supervised", "method": method, "kind": kind, "dataset": "nyc", "variant": "default",
+                  "metric": m, "value": v} for m, v in (("hit@1", h1), ("hit@10", h10))]
+    text = summarize(pd.DataFrame(rows), "supervised")
+    assert "**nyc**, Hit@1: best user_most_frequent (0.200); nextlocmoe 0.150 (rank 2 of 3, -0.050 vs the best " \
+           "baseline user_most_frequent)" in text
+    assert "Hit@10: best nextlocmoe (0.600); nextlocmoe 0.600 (rank 1 of 3, +0.100 vs the best baseline " \
+           "user_most_frequent)" in text
+    ablation = pd.DataFrame([{"experiment": "ablations", "method": "nextlocmoe", "kind": k, "dataset": "nyc",
+                              "variant": v, "metric": "hit@10", "value": x}
+                             for v, k, x in (("full", "paper method", 0.5), ("no_prompt", "ablation", 0.4),
+                                             ("experts_1", "ablation", 0.55))])
+    assert "full model 0.500; change per variant (lowest first): no_prompt -0.100, experts_1 +0.050." in \
+        summarize(ablation, "ablations")
