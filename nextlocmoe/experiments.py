@@ -155,6 +155,9 @@ class Plan:
     generation_batches: tuple[int, ...]  # LLM-Mob generation batch sizes timed
     repeats: int                       # timed repeats after one warm-up; the median is reported
     large_backbone_batches: tuple[int, ...] = (32, 256)  # GPU only: LLaMA-3.2-3B-shaped overhead measurement
+    # LLM-Mob prompt length for the generation timing when the generator is a stand-in without SmolLM2's
+    # tokenizer (compact backbone); None: measured from this dataset's real prompts
+    generation_prompt_tokens: int | None = None
 
     def validate(self) -> "Plan":
         known = ("synthetic", "nyc", "humob")
@@ -172,6 +175,8 @@ class Plan:
             ("generation_batches", len(self.generation_batches) >= 1 and all(b >= 1 for b in self.generation_batches),
              "batch sizes >= 1"),
             ("repeats", self.repeats >= 1, "an integer >= 1"),
+            ("generation_prompt_tokens", self.generation_prompt_tokens is None or self.generation_prompt_tokens >= 1,
+             "None or an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -678,7 +683,14 @@ class LLMMobRunner:
 
     @property
     def backbone(self) -> str:
-        return self.runner.cfg.model.backbone
+        """The generative model: the profile's backbone; for a compact export (12 layers, no generation head or
+        tokenizer) a random model of SmolLM2's shapes, which generates at the same speed but says nothing."""
+        name = self.runner.cfg.model.backbone
+        return COMPACT_STAND_IN if is_compact_backbone(name) else name
+
+    @property
+    def answers_meaningfully(self) -> bool:
+        return self.backbone not in RANDOM_BACKBONES or self.runner.cfg.model.backbone in RANDOM_BACKBONES
 
     @property
     def mob(self):
@@ -714,6 +726,14 @@ class LLMMobRunner:
             return {"metrics": mob.evaluate(windows, "test", mob_cfg), "backbone": self.backbone}
 
         return self.runner.job("llm_mob", dataset_label, "zero-shot (prompted, no training)", key, compute)
+
+
+COMPACT_STAND_IN = "smollm2-shape"
+
+
+def is_compact_backbone(name: str) -> bool:
+    from .model.compact import is_compact_dir
+    return name.startswith("compact:") or (os.path.isdir(name) and is_compact_dir(name))
 
 
 def _zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = None,
@@ -759,7 +779,11 @@ def _zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None =
         model_job(runner, "nextlocmoe", target, cfg, variant="trained on target", label=label)
         # a training-free floor: the window's own most frequent place, no popularity prior
         history_only_job(runner, target, label, cfg)
-        mob.job(target, label, cfg)
+        if mob.answers_meaningfully:
+            mob.job(target, label, cfg)
+    if not mob.answers_meaningfully:
+        runner.decisions["llm_mob"] = (f"skipped: the backbone {runner.cfg.model.backbone} is a compact export, which "
+                                       "cannot generate; the cpu profile's zero-shot table has the LLM-Mob rows")
     runner.decisions["regions"] = regions
     runner.decisions["zero_shot"] = {
         "normalisation": "source city statistics", "candidates": "target city", "heads": "regression only",
@@ -1003,14 +1027,16 @@ def measure_model(cfg: ExperimentConfig, windows: Windows, batch_sizes: tuple[in
 
 
 def measure_generation(mob: Any, mob_cfg: Any, windows: Windows, batch_sizes: tuple[int, ...], repeats: int,
-                       seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
-    """LLM-Mob-style generation speed at the prompt length of this dataset's real prompts (mean of a few)."""
+                       seed: int = 0, prompt_tokens: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """LLM-Mob-style generation speed at the prompt length of this dataset's real prompts (mean of a few), or at
+    `prompt_tokens` when given (a stand-in generator without the real tokenizer would miscount them)."""
     from .llm_mob import batch_prompts, generation_throughput
 
     device = next(mob.model.parameters()).device
-    sample = windows.batch("test", np.arange(min(8, windows.n_windows("test"))))
-    prompt_tokens = int(round(float(np.mean([len(mob.codec.encode(p)) for p in batch_prompts(sample, mob.codec,
-                                                                                            mob_cfg)]))))
+    if prompt_tokens is None:
+        sample = windows.batch("test", np.arange(min(8, windows.n_windows("test"))))
+        prompt_tokens = int(round(float(np.mean([len(mob.codec.encode(p))
+                                                 for p in batch_prompts(sample, mob.codec, mob_cfg)]))))
     with PeakMemory(device) as memory:
         rows = generation_throughput(mob.model, mob.codec, prompt_tokens, mob_cfg.max_new_tokens, list(batch_sizes),
                                      device=device, repeats=repeats, warmup=1, seed=seed)
@@ -1095,14 +1121,18 @@ def _efficiency(runner: Runner) -> list[str]:
     mob = LLMMobRunner(runner)
     mob_cfg = mob.config()
     key = {"backbone": mob.backbone, "llm_mob": mob_cfg.to_dict(), "data": data.fingerprint, "machine": device_key,
-           "batches": list(plan.generation_batches), "repeats": plan.repeats}
+           "batches": list(plan.generation_batches), "repeats": plan.repeats,
+           "prompt_tokens": plan.generation_prompt_tokens if mob.backbone != runner.cfg.model.backbone else None}
 
     def generation(job_dir: Path) -> dict[str, Any]:
         if mob_cfg.use_chat_template and mob.mob.codec.chat is None:
             mob_cfg.use_chat_template = False
         cfg = runner.job_config(data.config, runner.cfg.model, plan.budget)
+        stand_in = mob.backbone != runner.cfg.model.backbone
         metrics, details = measure_generation(mob.mob, mob_cfg, limited(data.windows, cfg), plan.generation_batches,
-                                              plan.repeats, seed=runner.cfg.train.seed)
+                                              plan.repeats, seed=runner.cfg.train.seed,
+                                              prompt_tokens=plan.generation_prompt_tokens if stand_in else None)
+        details["generator"] = mob.backbone
         return {"metrics": metrics, **details}
 
     generated = runner.job("llm_mob", data.name, "generation", key, generation)
@@ -1144,6 +1174,11 @@ def _efficiency(runner: Runner) -> list[str]:
                      "same (batch, tokens); random weights, bf16.")
     else:
         notes.append(f"The {LARGE_BACKBONE} overhead measurement runs on a GPU only (not measured here).")
+    if mob.backbone != runner.cfg.model.backbone:
+        notes.append(f"llm_mob here is a randomly initialised {mob.backbone} model (SmolLM2-135M's shapes): the "
+                     f"compact backbone {runner.cfg.model.backbone} cannot generate; speed does not depend on the "
+                     f"weights, and the prompt length is fixed at {plan.generation_prompt_tokens} tokens "
+                     "(plan.generation_prompt_tokens).")
     runner.decisions["memory"] = records["nextlocmoe"]["details"].get("memory")
     return notes
 

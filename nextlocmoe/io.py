@@ -76,8 +76,14 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 def git_sha(root: str | os.PathLike | None = None) -> str:
-    """Current commit (with '-dirty' when the tree has changes), or 'unknown' outside a checkout."""
+    """Current commit (with '-dirty' when the tree has changes), or 'unknown' outside a checkout.
+
+    A copy of the tree without .git (the lent GPU machine) takes it from NEXTLOCMOE_GIT_SHA, which
+    .ci/gpu/run.sh sets from the commit recorded by .ci/gpu/bundle.sh.
+    """
     root = Path(root) if root else Path(__file__).resolve().parent.parent
+    if os.environ.get("NEXTLOCMOE_GIT_SHA"):
+        return os.environ["NEXTLOCMOE_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -116,3 +116,34 @@ def test_compact_export_equals_transformers_gguf_loader(tmp_path):
         compact.tokenizer_encode("a text nobody exported")
     with pytest.raises(ConfigError, match=r"num_layers=13"):
         load_compact(manifest.parent, num_layers=13)
+
+
+@pytest.mark.slow
+def test_smollm2_shape_stand_in_has_the_gguf_shapes():
+    """The random stand-in that times LLM-Mob generation where only the compact export travels has exactly the
+    shapes of the real SmolLM2 (read from the GGUF header, not from our table)."""
+    from pathlib import Path
+
+    from nextlocmoe.model.backbone import random_backbone_config, smollm2_gguf_path
+    from nextlocmoe.model.compact import _truncated_config
+
+    real, full = _truncated_config(Path(smollm2_gguf_path()), 30)
+    ours = random_backbone_config("smollm2-shape")
+    assert full == ours.num_hidden_layers == 30
+    for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                  "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(ours, field) == pytest.approx(getattr(real, field), rel=1e-6), field
+
+    def rope_theta(config):   # newer transformers keep it in rope_parameters
+        return getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    assert rope_theta(ours) == pytest.approx(rope_theta(real), rel=1e-6)
+
+
+def test_llm_mob_uses_the_stand_in_and_skips_accuracy_for_a_compact_backbone():
+    from nextlocmoe.experiments import COMPACT_STAND_IN, LLMMobRunner, Runner
+
+    runner = Runner("zero_shot", "smoke", overrides=["model.backbone=compact:.carry/smollm2-12"])
+    mob = LLMMobRunner(runner)
+    assert mob.backbone == COMPACT_STAND_IN and not mob.answers_meaningfully
+    plain = LLMMobRunner(Runner("zero_shot", "smoke"))
+    assert plain.backbone == "tiny" and plain.answers_meaningfully

@@ -248,3 +248,12 @@ def test_dataset_statistics_and_files(humob, tmp_path, capsys):
     assert sidecar["data_checksum"]["humob"] == file_sha256(path)
     assert "| humob |" in capsys.readouterr().out
     assert not [p for p in (tmp_path / "results").iterdir() if p.name.startswith(".")]
+
+
+def test_git_sha_comes_from_the_environment_where_there_is_no_checkout(tmp_path, monkeypatch):
+    from nextlocmoe.io import git_sha
+
+    monkeypatch.delenv("NEXTLOCMOE_GIT_SHA", raising=False)
+    assert git_sha(tmp_path) == "unknown"                     # a copy of the tree without .git
+    monkeypatch.setenv("NEXTLOCMOE_GIT_SHA", "abc123-dirty")  # set by .ci/gpu/run.sh on the lent GPU machine
+    assert git_sha(tmp_path) == "abc123-dirty"

@@ -14,12 +14,14 @@ Backbones known by name (DESIGN.md section 2, "Backbones that install offline"):
     "tiny"                a small randomly initialised LLaMA (d 64) for tests and the smoke profile.
     "llama3.2-3b-shape"   a randomly initialised model with LLaMA-3.2-3B's shapes, for measuring cost at the
                           paper's scale (FLOPs and memory do not depend on the weights' values).
+    "smollm2-shape"       a randomly initialised model with SmolLM2-135M's shapes: the generation speed of the
+                          LLM-Mob-style baseline where only a compact export (which cannot generate) is at hand.
     "compact:<dir>"       a compact export of the first N SmolLM2 layers (nextlocmoe.model.compact), small
                           enough to carry to a machine without the 98 MB GGUF
     anything else         a local directory or a hub id loaded with `from_pretrained` (e.g. the paper's
                           gated meta-llama/Llama-3.2-3B for users who hold it).
 
-The two random backbones have no tokenizer; they use a byte-level fallback (utf-8 bytes modulo the vocabulary).
+The random backbones have no tokenizer; they use a byte-level fallback (utf-8 bytes modulo the vocabulary).
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ RANDOM_BACKBONES: dict[str, dict] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         num_hidden_layers=28,
+    ),
+    # HuggingFaceTB/SmolLM2-135M's published config.json (the GGUF's shapes)
+    "smollm2-shape": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49_152,
+        max_position_embeddings=8192,
+        rope_theta=100_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        num_hidden_layers=30,
     ),
 }
 KNOWN_NAMES = ("smollm2", *RANDOM_BACKBONES)
