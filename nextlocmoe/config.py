@@ -142,7 +142,10 @@ def load_config(profile: str = "cpu", path: str | Path | None = None,
             node = node[p]
         if leaf not in node:
             raise ConfigError(f"override '{item}': unknown field '{leaf}'; known: {sorted(node)}")
-        node[leaf] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(node[leaf], str) and isinstance(parsed, (bool, int, float)):
+            parsed = value       # a text field keeps the text: YAML would read "no" as False, "1e-3" as a float
+        node[leaf] = parsed
     return from_dict(ExperimentConfig, cfg)
 
 

@@ -43,3 +43,9 @@ def test_unknown_profile_and_bad_file(tmp_path):
     bad.write_text("model:\n  layers_count: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'layers_count'"):
         load_config("smoke", bad)
+
+
+def test_text_overrides_stay_text_where_yaml_would_read_a_boolean():
+    cfg = load_config("smoke", overrides=["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    assert load_config("smoke", overrides=["train.epochs=3"]).train.epochs == 3

@@ -14,5 +14,12 @@ python3 -m nextlocmoe.cli run "$what" --profile gpu \
     --set model.backbone=compact:.carry/smollm2-12 --set data.path=.carry/Foursquare_Sample.csv \
     --results "$OUT/results" --runs runs/experiments "$@"
 # job records and model summaries (no checkpoints: they exceed what can travel back and forth)
-rsync -a --include='*/' --include='*.json' --include='*.csv' --include='*.yaml' --exclude='*' \
-    runs/experiments/ "$OUT/runs/"
+python3 - "$OUT/runs" <<'PY'
+import shutil, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for f in Path("runs/experiments").rglob("*"):
+    if f.is_file() and f.suffix in (".json", ".csv", ".yaml"):
+        (out / f.relative_to("runs/experiments")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, out / f.relative_to("runs/experiments"))
+PY
