@@ -4,9 +4,10 @@
 # The gpu profile with the carried compact backbone and CSV; results and the small job records go to $OUT
 # (results/, runs/ without checkpoints), so that the next call can carry them back and reuse finished jobs.
 set -euo pipefail
-OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:?"OUT must name the output folder (the device tool sets it)"}
+SITE="$PWD/.gpu-site"     # the carried wheels, installed inside the (git-ignored) tree copy
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+export PYTHONPATH="$SITE:$PWD"
 export NEXTLOCMOE_GIT_SHA="$(cat .carry/GIT_SHA 2>/dev/null || echo unknown)"
 what=${1:-all}; shift || true
 mkdir -p "$OUT/results"
