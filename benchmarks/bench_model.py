@@ -11,9 +11,7 @@ Writes results/bench_model.csv and results/bench_model.json (provenance).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,17 +24,7 @@ from nextlocmoe.config import load_config  # noqa: E402
 from nextlocmoe.data.prepare import prepare  # noqa: E402
 from nextlocmoe.io import atomic_path, provenance, write_json_atomic  # noqa: E402
 from nextlocmoe.model import build_model  # noqa: E402
-
-
-def timed(fn, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from nextlocmoe.runtime import median_seconds  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -73,9 +61,9 @@ def main(argv=None) -> None:
                 model(batch)
 
         model.train()
-        t_train = timed(train_step, args.warmup, args.steps)
+        t_train = median_seconds(train_step, args.steps, args.warmup)
         model.eval()
-        t_infer = timed(infer_step, args.warmup, args.steps)
+        t_infer = median_seconds(infer_step, args.steps, args.warmup)
         counts = model.parameter_counts()
         prompt = model.prompt_embeddings
         tokens = batch["hist_xy"].shape[1] + batch["cur_xy"].shape[1] + (0 if prompt is None else len(prompt))

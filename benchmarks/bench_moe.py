@@ -1,4 +1,4 @@
-"""Cost of the Personalized MoE layer against a dense FFN of the same width (DESIGN.md section 4).
+"""Cost of the Personalized MoE layer against a dense FFN of the same width (docs/design.md §3.5, §4.10).
 
 Forward + backward time (frozen base weights, gradients to the input and to every trainable parameter) of:
 
@@ -30,11 +30,11 @@ Writes results/bench_moe.csv and results/bench_moe.json (with provenance).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -46,6 +46,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from nextlocmoe.errors import ConfigError
 from nextlocmoe.io import provenance, write_json_atomic, write_text_atomic
+from nextlocmoe.runtime import time_once
 from nextlocmoe.model.personalized_moe import (EXPERT_COMPUTES, LoRAExpertFFN, NaivePersonalizedMoE,
                                                PersonalizedMoE, PersonalizedMoEConfig)
 
@@ -68,26 +69,6 @@ def widths_for(device: str) -> list[Width]:
         Width("smollm2", 576, 1536, 32, 80),                                          # SmolLM2-135M
         Width("llama3.2-3b", 3072, 8192, 32 if on_gpu else 2, 80 if on_gpu else 40),  # LLaMA-3.2-3B
     ]
-
-
-class Timer:
-    """Wall time of a callable; CUDA events (after a synchronise) on a GPU."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-
-    def __call__(self, fn: Callable[[], None]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
 
 
 def sharpen_gate(moe: PersonalizedMoE, hidden, history, target_mean: float = 2.0) -> None:
@@ -160,7 +141,7 @@ def bench_width(width: Width, device: str, dtype: torch.dtype, repeats: int, war
             module.zero_grad(set_to_none=True)
         return run
 
-    timer = Timer(device)
+    timer = functools.partial(time_once, device=device)   # synchronised wall time of one call
     runs = {name: step(name) for name in methods}
     for _ in range(warmup):
         for run in runs.values():

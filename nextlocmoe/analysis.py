@@ -5,7 +5,6 @@ ROLE of the user (Sec. 4.2) and the Location Semantics MoE routes current locati
 (Sec. 4.1). The synthetic city knows every user's role and every cell's function, and the New York data
 knows each venue's category, so this module compares what the gates do with the truth:
 
-    load_trained(run_dir)            config.yaml + best.pt -> (config, model in eval mode, windows)
     collect_routing(model, windows)  -> RoutingSample: gate probabilities and routing masks of a seeded
                                         sample of windows, with truth (role, function) and predictions
     expert_activation_by_role        mean P-MoE gate probability / selection rate per (true role, layer, expert)
@@ -14,13 +13,16 @@ knows each venue's category, so this module compares what the gates do with the 
     entropy_over_training            gate entropies per training batch (steps.csv), smoothed
     routing_alignment                NMI(true role, top expert) per layer; function-expert accuracy vs chance
     prediction_sample                target, predicted point, retrieved place and error per window (maps)
+    write_routing_summary / write_routing_tables   the results files notebook 06 shows and draws from
+
+A trained model is loaded with `runs.load_run(run_dir)`.
 
 The P-MoE token axis. `NextLocMoE.embed_inputs` builds the sequence [prompt (P); history (H); current (C)]
 (P = 0 without the prompt), and every P-MoE layer sees all T = P + H + C positions: the shared-prompt-prefix
 shortcut of `run_backbone` stops before the first P-MoE layer, so the gate outputs cover the prompt rows too.
 The Location Semantics MoE sees only the C current tokens.
 
-All tables are long-format pandas DataFrames so that `plots.py` and the notebook only pivot and draw.
+All tables are long-format pandas DataFrames so that `report.figures` and the notebook only pivot and draw.
 """
 
 from __future__ import annotations
@@ -33,59 +35,18 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig
-from .data.prepare import prepare
 from .data.schema import FUNCTIONS, ROLES
 from .data.windows import Windows, WindowDataset
-from .errors import ConfigError, DataError, NextLocMoEError
+from .errors import ConfigError, DataError
+from .evaluation import move_batch
+from .io import provenance
 from .metrics import CandidateIndex, ranks_from_scores
-from .model import NextLocMoE, build_model
-from .train import limited, load_trainable_state, move_batch
+from .model import NextLocMoE
+from .report.tables import markdown_table, write_results
 
 TOKEN_KINDS = ("prompt", "history", "current")
-
-
-# ---------------------------------------------------------------------------------------------------
-# loading a trained model
-
-def load_trained(run_dir: str | os.PathLike, windows: Windows | None = None, *,
-                 cache_dir: str | os.PathLike = ".cache/windows",
-                 device: str | torch.device | None = None) -> tuple[ExperimentConfig, NextLocMoE, Windows]:
-    """Rebuild the model of a train() run directory with its best checkpoint, exactly as train tested it.
-
-    run_dir    a directory written by `train.train` (or runs/experiments/models/<...>/): config.yaml, best.pt
-    windows    the dataset's windows; None prepares them from the run's data config (cached in `cache_dir`).
-               Zero-shot region models were trained on filtered data that prepare() cannot rebuild: pass those.
-    device     where the model runs; None = CUDA when available, else CPU (as train.evaluate_checkpoint)
-    Returns (config, model in eval mode, windows after `train.limited`: the same seeded val/test subsamples
-    that training evaluated).
-    """
-    run_dir = Path(run_dir)
-    config_path, best_path = run_dir / "config.yaml", run_dir / "best.pt"
-    if not config_path.is_file():
-        raise NextLocMoEError(f"{config_path} does not exist; expected a run directory written by "
-                              "nextlocmoe train (config.yaml, best.pt, steps.csv, metrics.json)")
-    if not best_path.is_file():
-        raise NextLocMoEError(f"{best_path} does not exist; the run in {run_dir} finished no epoch "
-                              "(train first, or resume it with --resume)")
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{config_path} is not valid YAML: {err}") from None
-    cfg = ExperimentConfig.from_dict(raw)
-    if windows is None:
-        windows = prepare(cfg.data, cache_dir=cache_dir)
-    windows = limited(windows, cfg)
-    # the same steps as train.evaluate_checkpoint: seed, build, load the trainable weights
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
-    load_trainable_state(model, torch.load(best_path, map_location="cpu", weights_only=False)["model"])
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    return cfg, model.to(device).eval(), windows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,9 +460,6 @@ def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
     `function_dataset`, the accuracy of the top function expert against the true venue category beside the
     share of the most frequent category; for both, the mean number of role experts kept per token.
     """
-    from .data.prepare import markdown_table
-    from .io import provenance, write_json_atomic, write_text_atomic
-
     for name in (role_dataset, function_dataset):
         if name not in samples:
             raise ConfigError(f"dataset '{name}' has no routing sample; collected: {sorted(samples)}")
@@ -527,14 +485,27 @@ def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
                          "metric": "mean experts per token", "value": float(kept[:, i].mean())})
     table = pd.DataFrame(rows, columns=["dataset", "router", "layer", "metric", "value"])
     shown = table.assign(value=table["value"].map(lambda v: f"{v:.3f}"))
-    results = Path(results_dir)
-    return {
-        "csv": write_text_atomic(results / "expert_routing.csv", table.to_csv(index=False)),
-        "md": write_text_atomic(results / "expert_routing.md", markdown_table(shown)),
-        "json": write_json_atomic(results / "expert_routing.json", provenance(
-            profile, seed=seed, data_checksum=data_checksum,
-            files=["expert_routing.csv", "expert_routing.md"],
-            windows={n: int(s.n_windows) for n, s in samples.items()}, split={n: s.split for n, s in samples.items()},
-            role_alignment=role, function_alignment=fn)),
-    }
+    return write_results(results_dir, "expert_routing", table, markdown_table(shown), provenance(
+        profile, seed=seed, data_checksum=data_checksum,
+        windows={n: int(s.n_windows) for n, s in samples.items()}, split={n: s.split for n, s in samples.items()},
+        role_alignment=role, function_alignment=fn))
+
+
+ROUTING_TABLES = ("routing_roles", "routing_functions", "routing_active_experts", "routing_entropy",
+                  "routing_predictions")
+
+
+def write_routing_tables(tables: dict[str, pd.DataFrame], profile: str, results_dir: str | os.PathLike = "results",
+                         **stamp: Any) -> dict[str, Path]:
+    """Each frame notebook 06 draws, as results/<name>.{csv,md,json}: the figures are then drawn from these
+    files (`report.tables.read_table`), so what a reader sees is what is committed."""
+    unknown = sorted(set(tables) - set(ROUTING_TABLES))
+    if unknown:
+        raise ConfigError(f"routing tables {unknown} are unknown; expected names from {list(ROUTING_TABLES)}")
+    paths = {}
+    for name, frame in tables.items():
+        summary = markdown_table(frame.head(20)) + (f"\n({len(frame):,} rows; all of them in {name}.csv)\n"
+                                                    if len(frame) > 20 else "")
+        paths[name] = write_results(results_dir, name, frame, summary, provenance(profile, **stamp))["csv"]
+    return paths
 

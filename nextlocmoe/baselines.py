@@ -1,4 +1,4 @@
-"""Classical next-location baselines, scored in the same harness as NextLocMoE (paper Sec. 5; DESIGN.md Sec. 3).
+"""Classical next-location baselines, scored in the same harness as NextLocMoE (paper Sec. 5; docs/design.md §6).
 
 Every baseline reads the same windows as the model (history S_h + current S_c -> next record) and gives a
 score to EVERY candidate location, so `metrics.ranks_from_scores` ranks them by the one rule the whole

@@ -1,5 +1,9 @@
 """Command line: `nextlocmoe prepare|train|evaluate|run|notebooks --profile ... [--config FILE] [--set section.field=value]`.
 
+`train` and `evaluate` take the method and dataset (`--method nextlocmoe_ranking --dataset synthetic`) and
+resolve them exactly as the supervised experiment does (`experiments.run_config`), so `nextlocmoe train
+--profile P` trains the model that `nextlocmoe run supervised --profile P` reports (same configuration hash).
+
 Errors a user can fix (missing file, bad column, unknown parameter) print one line naming what is wrong
 and exit with status 2; anything else is a bug and keeps its traceback.
 """
@@ -11,16 +15,27 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PROFILES, load_config
+from .config import PROFILES, config_hash
 from .errors import NextLocMoEError
+from .experiments import DATASET_SOURCES, experiment_names, methods, resolve_config, run_config
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
                    help="named configuration (default: cpu = New York check-ins + SmolLM2 on 2 cores)")
-    p.add_argument("--config", default=None, help="YAML file overriding the profile (sections data/model/train)")
+    p.add_argument("--config", default=None,
+                   help="YAML file overriding the profile (sections data/model/train/plan); applied before --set")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one field, e.g. --set train.epochs=2 --set data.path=cityD.csv (repeatable)")
+                   help="override one field, e.g. --set train.epochs=2 --set data.path=cityD.csv (repeatable, "
+                        "applied in order after --config)")
+
+
+def _add_model_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="nextlocmoe", choices=[m.name for m in methods(family="model")],
+                   help="which model (default: nextlocmoe, the paper's); the same configuration the supervised "
+                        "experiment trains for this method and dataset")
+    p.add_argument("--dataset", default=None, choices=sorted(DATASET_SOURCES),
+                   help="dataset of the profile's plan (default: the plan's first)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,17 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train NextLocMoE, keep the best checkpoint, evaluate it on the test split")
     _add_common(p)
-    p.add_argument("--out", default=None, help="run directory (default: runs/<profile>)")
+    _add_model_choice(p)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<profile>-<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration and its hash, train nothing")
 
     p = sub.add_parser("evaluate", help="evaluate the best checkpoint of a run directory")
     _add_common(p)
-    p.add_argument("--out", default=None, help="run directory holding best.pt (default: runs/<profile>)")
+    _add_model_choice(p)
+    p.add_argument("--out", default=None, help="run directory holding best.pt (default: as train)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
 
+    names = experiment_names()
     p = sub.add_parser("run", help="run a named experiment of the profile's plan and write results/<experiment>.*")
-    p.add_argument("experiment", choices=["supervised", "zero_shot", "ablations", "efficiency", "all"],
-                   help="which experiment ('all' runs the four in this order)")
+    p.add_argument("experiment", choices=[*names, "all"],
+                   help=f"which experiment ('all' runs {', '.join(names)} in this order)")
     _add_common(p)
     p.add_argument("--results", default="results", help="directory of results files (default: results)")
     p.add_argument("--runs", default="runs/experiments",
@@ -64,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute cached experiment jobs and models")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
+
+
+def default_run_dir(cfg, method: str, dataset: str | None) -> str:
+    return f"runs/{cfg.profile}-{method}-{dataset or cfg.plan.datasets[0]}"
 
 
 def _humob_paths(items: list[str]) -> dict[str, str] | None:
@@ -88,24 +112,30 @@ def main(argv: list[str] | None = None) -> int:
                                     device=args.device)
             print(json.dumps(records, indent=2))
             return 0
-        cfg = load_config(args.profile, args.config, args.overrides)
+        cfg = resolve_config(args.profile, args.config, args.overrides)
         if args.command == "prepare":
-            from .data.prepare import dataset_statistics, prepare, write_statistics
+            from .data.prepare import dataset_statistics, prepare
+            from .report.tables import write_dataset_statistics
 
             windows = prepare(cfg.data, force=args.force)
-            write_statistics(dataset_statistics([windows]), results_dir=args.results, profile=cfg.profile,
-                             seed=cfg.data.seed)
+            write_dataset_statistics(dataset_statistics([windows]), results_dir=args.results, profile=cfg.profile,
+                                     seed=cfg.data.seed)
         elif args.command == "train":
             from .train import train
 
-            out = Path(args.out or f"runs/{cfg.profile}")
-            result = train(cfg, out, resume=args.resume)
+            run_cfg = run_config(cfg, args.method, args.dataset)
+            out = Path(args.out or default_run_dir(cfg, args.method, args.dataset))
+            if args.dry_run:
+                print(run_cfg.to_yaml() + f"# config_hash: {config_hash(run_cfg)}\n# run directory: {out}")
+                return 0
+            result = train(run_cfg, out, resume=args.resume)
             print(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test,
-                              "wall_s": round(result.wall_s, 1), "run_dir": str(out)}, indent=2))
+                              "wall_s": round(result.wall_s, 1), "run_dir": str(out),
+                              "config_hash": config_hash(run_cfg)}, indent=2))
         elif args.command == "run":
-            from .experiments import EXPERIMENTS, run_experiment
+            from .experiments import run_experiment
 
-            names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+            names = experiment_names() if args.experiment == "all" else (args.experiment,)
             humob = _humob_paths(args.humob)
             for name in names:
                 result = run_experiment(name, args.profile, results_dir=args.results, runs_dir=args.runs,
@@ -115,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from .train import evaluate_checkpoint
 
-            out = Path(args.out or f"runs/{cfg.profile}")
-            print(json.dumps(evaluate_checkpoint(cfg, out, split=args.split), indent=2))
+            run_cfg = run_config(cfg, args.method, args.dataset)
+            out = Path(args.out or default_run_dir(cfg, args.method, args.dataset))
+            print(json.dumps(evaluate_checkpoint(run_cfg, out, split=args.split), indent=2))
     except NextLocMoEError as e:
         print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
         return 2

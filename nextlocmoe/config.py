@@ -1,15 +1,24 @@
-"""Experiment configuration: data + model + training, named profiles, YAML round-trip.
+"""Experiment configuration: data + model + training + the experiment plan, one named profile table.
 
-A profile is a complete, named configuration:
+A profile is ONE complete configuration, defined here and nowhere else:
 
     smoke  tiny random LLaMA, small synthetic city: seconds; what CI runs
     cpu    New York check-ins + SmolLM2-135M (12 of 30 layers), subsampled to finish on 2 cores
     gpu    New York check-ins, all windows, SmolLM2 12 layers, bf16 on one GPU
     paper  HuMob Kumamoto (city D) + LLaMA-3.2-3B (12 of 28 layers): for users who hold both
 
-`load_config(profile, path=None, overrides=...)` starts from the profile and applies a YAML file and then
-dotted overrides (`train.epochs=3`), so every run is fully described by one YAML file it writes beside
-its results.
+Its four sections are `data` (nextlocmoe.data.config), `model` (nextlocmoe.model.config), `train` (the budget
+and recipe of every trained model: `nextlocmoe train` and the supervised/zero-shot jobs of `nextlocmoe run`
+read the same section, so they train the same model) and `plan` (what the experiments run beyond that: the
+datasets, the ablation groups and their training changes, the baselines' epochs, the efficiency sweeps).
+
+Order of precedence, lowest first (`load_config(profile, path, overrides)`):
+    1. the profile below;
+    2. a YAML file (`--config FILE`) with any of the four sections;
+    3. dotted overrides (`--set train.epochs=3`, `--set plan.ablations=[routing]`), in the order given.
+Each run writes the resolved configuration beside its results (config.yaml), so a run is described by one file.
+`config_hash(cfg)` identifies a trained model: it hashes data, model and train (not the plan, not the profile
+name), so two commands that resolve to the same training share one hash and one cached model.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import yaml
 
 from .data.config import DataConfig, SyntheticConfig
 from .errors import ConfigError
-from .io import plain
+from .io import plain, stable_hash
 from .model.config import ModelConfig
 
 
@@ -40,11 +49,67 @@ class TrainConfig:
     plateau_factor: float = 0.5      # ReduceLROnPlateau factor (reference)
     plateau_patience: int = 2        # ReduceLROnPlateau patience in epochs (reference)
     early_stop_patience: int = 5     # stop after this many epochs without a better validation Hit@10 (ours)
-    max_train_windows: int | None = None  # subsample the training split (CPU budget); None = all
-    max_eval_windows: int | None = None   # subsample validation and test; None = all
+    max_train_windows: int | None = None  # seeded subsample of the training split (CPU budget); None = all
+    max_eval_windows: int | None = None   # seeded subsample of validation and test; None = all
     eval_batch_size: int = 64
     mixed_precision: str = "auto"    # "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16"
     seed: int = 0                    # reference seed
+
+
+ALL_ABLATIONS = ("no_location_moe", "no_personalized_moe", "no_history_router", "routing", "experts", "depth",
+                 "backbone_init", "head", "prompt")
+
+
+@dataclass
+class PlanConfig:
+    """What the experiments of `nextlocmoe run` add to the training section (nextlocmoe/experiments/)."""
+    datasets: tuple[str, ...] = ("nyc", "synthetic")  # supervised datasets; the first is also the ablation,
+                                                     # efficiency and `nextlocmoe train` default dataset
+    baseline_epochs: int = 20        # epochs of the LSTM and transformer baselines
+    ablations: tuple[str, ...] = ALL_ABLATIONS  # ablation groups to run (nextlocmoe/experiments/ablations.py)
+    ablation_train: dict[str, Any] = field(default_factory=dict)  # train-section fields the ablation variants
+                                     # change (e.g. {"epochs": 10}); {} = the supervised budget, so the "full"
+                                     # variant is the supervised model itself
+    expert_counts: tuple[int, ...] = (1, 5, 11)  # role experts compared by the "experts" group (paper: 11)
+    depths: tuple[int, ...] = (4, 8, 12)         # backbone depths compared by the "depth" group (paper: 12)
+    ablation_head: str = "auto"      # "auto" (higher validation Hit@10 of the supervised models), "regression"
+                                     # or "ranking"
+    region_dataset: str = "nyc"      # the dataset split into west / east halves for zero-shot
+    llm_mob_samples: int = 500       # test windows the LLM-Mob-style baseline answers (generation is slow)
+    llm_mob_history: int = 40        # history records written into its prompt (paper S_h = 40)
+    batch_sweep: tuple[int, ...] = (1, 32, 256, 1024)  # inference batch sizes timed by the efficiency experiment
+    generation_batches: tuple[int, ...] = (1, 16, 64)  # LLM-Mob generation batch sizes timed
+    repeats: int = 10                # timed repeats after one warm-up; the median is reported
+    large_backbone_batches: tuple[int, ...] = (32, 256)  # GPU only: LLaMA-3.2-3B-shaped overhead measurement
+    generation_prompt_tokens: int | None = None  # LLM-Mob prompt length when the generator is a stand-in without
+                                     # SmolLM2's tokenizer (compact backbone); None = measured from real prompts
+
+    def validate(self) -> "PlanConfig":
+        """Checks that need no registry; the experiments check names (datasets, ablation groups) themselves."""
+        checks = [
+            ("datasets", len(self.datasets) >= 1, "at least one dataset name"),
+            ("baseline_epochs", self.baseline_epochs >= 1, "an integer >= 1"),
+            ("ablation_train", isinstance(self.ablation_train, dict) and set(self.ablation_train) <= _TRAIN_FIELDS,
+             f"a mapping of train fields {sorted(_TRAIN_FIELDS)}"),
+            ("expert_counts", all(isinstance(n, int) and 1 <= n <= 11 for n in self.expert_counts), "integers 1..11"),
+            ("depths", all(isinstance(n, int) and n >= 1 for n in self.depths), "integers >= 1"),
+            ("ablation_head", self.ablation_head in ("auto", "regression", "ranking"), "auto, regression or ranking"),
+            ("llm_mob_samples", self.llm_mob_samples >= 1, "an integer >= 1"),
+            ("llm_mob_history", self.llm_mob_history >= 0, "an integer >= 0"),
+            ("batch_sweep", len(self.batch_sweep) >= 1 and all(b >= 1 for b in self.batch_sweep), "batch sizes >= 1"),
+            ("generation_batches", len(self.generation_batches) >= 1 and all(b >= 1 for b in self.generation_batches),
+             "batch sizes >= 1"),
+            ("repeats", self.repeats >= 1, "an integer >= 1"),
+            ("generation_prompt_tokens", self.generation_prompt_tokens is None or self.generation_prompt_tokens >= 1,
+             "None or an integer >= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"plan.{name}={getattr(self, name)!r} is invalid; expected {expected}")
+        return self
+
+
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass
@@ -53,6 +118,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,29 +131,52 @@ class ExperimentConfig:
         return from_dict(cls, d)
 
 
+def training_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What decides a trained model: data, model and train (not the plan, not the profile's name)."""
+    return plain({"data": dataclasses.asdict(cfg.data), "model": dataclasses.asdict(cfg.model),
+                  "train": dataclasses.asdict(cfg.train)})
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """The identity of one training run (see the module docstring)."""
+    return stable_hash(training_dict(cfg))
+
+
 # ---------------------------------------------------------------------------------------------------
-# profiles
+# the profile table
 
 def _smoke() -> ExperimentConfig:
+    # Tiny random backbone, a 12 x 12 synthetic city: each experiment in well under two minutes on 2 cores.
+    # "backbone_init" is left out: the tiny backbone is random already, so both variants would be one model.
     return ExperimentConfig(
         profile="smoke",
-        data=DataConfig(source="synthetic",
-                        synthetic=SyntheticConfig(grid=12, users=60, days=14)),
+        data=DataConfig(source="synthetic", synthetic=SyntheticConfig(grid=12, users=60, days=14)),
         model=ModelConfig(backbone="tiny", num_layers=4, pmoe_layers=(1, 3)),
-        train=TrainConfig(lr=2e-3, batch_size=16, grad_accum=1, epochs=2, max_train_windows=256,
-                          max_eval_windows=128, eval_batch_size=64),
+        train=TrainConfig(lr=2e-3, batch_size=16, grad_accum=1, epochs=1, max_train_windows=32,
+                          max_eval_windows=32, eval_batch_size=64),
+        plan=PlanConfig(datasets=("synthetic",), baseline_epochs=1,
+                        ablations=tuple(a for a in ALL_ABLATIONS if a != "backbone_init"),
+                        expert_counts=(1, 5, 11), depths=(2, 4, 6), region_dataset="synthetic",
+                        llm_mob_samples=4, llm_mob_history=10, batch_sweep=(1, 4, 16), generation_batches=(1, 4),
+                        repeats=3),
     )
 
 
 def _cpu() -> ExperimentConfig:
+    # New York check-ins + SmolLM2 (12 of 30 layers) on 2 CPU cores. The whole cpu reproduction (every notebook,
+    # ~19 trained models) must fit 45 minutes there: 2 cores train ~7 samples/s with the 101-token prompt, so each
+    # model sees 500 training windows once and is validated / tested on 200 windows (seeded subsamples, the same
+    # for every method). Ablations train at the same budget, so the "full" and "other head" variants are the
+    # supervised models themselves. These are budget numbers, not the paper's: the gpu profile trains on all.
     return ExperimentConfig(
         profile="cpu",
         data=DataConfig(source="nyc_foursquare"),
         model=ModelConfig(backbone="smollm2", num_layers=12, pmoe_layers=(8, 10)),
-        # 2 CPU cores train ~4-5 samples/s with the 101-token prompt: 2,000 training windows (of 31,768) for 2
-        # epochs, 500 validation and 500 test windows (seeded subsamples) keep one run near 15 minutes
-        train=TrainConfig(lr=1e-3, batch_size=32, grad_accum=1, epochs=2, max_train_windows=2000,
-                          max_eval_windows=500, early_stop_patience=2),
+        train=TrainConfig(lr=1e-3, batch_size=32, grad_accum=1, epochs=1, max_train_windows=500,
+                          max_eval_windows=200, early_stop_patience=2),
+        plan=PlanConfig(datasets=("nyc", "synthetic"), baseline_epochs=3, expert_counts=(1, 11), depths=(4, 12),
+                        region_dataset="nyc", llm_mob_samples=10, llm_mob_history=40, batch_sweep=(1, 8, 32),
+                        generation_batches=(1, 4), repeats=3),
     )
 
 
@@ -98,6 +187,8 @@ def _gpu() -> ExperimentConfig:
         model=ModelConfig(backbone="smollm2", num_layers=12, pmoe_layers=(8, 10)),
         train=TrainConfig(lr=1e-3, batch_size=64, grad_accum=1, epochs=20, mixed_precision="bf16",
                           eval_batch_size=256),
+        plan=PlanConfig(datasets=("nyc", "synthetic"), baseline_epochs=20, ablation_train={"epochs": 10},
+                        region_dataset="nyc", llm_mob_samples=500),
     )
 
 
@@ -107,18 +198,25 @@ def _paper() -> ExperimentConfig:
         data=DataConfig(source="humob", path="data/cityD-dataset.csv"),
         model=ModelConfig(backbone="meta-llama/Llama-3.2-3B", num_layers=12, pmoe_layers=(8, 10)),
         train=TrainConfig(lr=2e-4, batch_size=32, grad_accum=4, epochs=50, mixed_precision="bf16"),
+        plan=PlanConfig(datasets=("humob", "nyc"), baseline_epochs=20, ablation_train={"epochs": 20},
+                        region_dataset="nyc", llm_mob_samples=1000),
     )
 
 
 PROFILES = {"smoke": _smoke, "cpu": _cpu, "gpu": _gpu, "paper": _paper}
 
 
-def load_config(profile: str = "cpu", path: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Profile defaults, then a YAML file's values, then `section.field=value` overrides."""
+def profile_config(profile: str) -> ExperimentConfig:
+    """The profile's configuration as defined above (a fresh object)."""
     if profile not in PROFILES:
         raise ConfigError(f"--profile '{profile}' is unknown; expected one of {list(PROFILES)}")
-    cfg = plain(PROFILES[profile]().to_dict())
+    return PROFILES[profile]()
+
+
+def load_config(profile: str = "cpu", path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Profile defaults, then a YAML file's values, then `section.field=value` overrides (module docstring)."""
+    cfg = plain(profile_config(profile).to_dict())
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -128,8 +226,8 @@ def load_config(profile: str = "cpu", path: str | Path | None = None,
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train)")
-        _merge(cfg, loaded, str(path))
+            raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, plan)")
+        _merge(cfg, loaded, str(path), ())
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -140,25 +238,30 @@ def load_config(profile: str = "cpu", path: str | Path | None = None,
             if not isinstance(node.get(p), dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a config section")
             node = node[p]
-        if leaf not in node:
+        if leaf not in node and tuple(parents) not in FREE_FORM:
             raise ConfigError(f"override '{item}': unknown field '{leaf}'; known: {sorted(node)}")
         parsed = yaml.safe_load(value)
-        if isinstance(node[leaf], str) and isinstance(parsed, (bool, int, float)):
+        if isinstance(node.get(leaf), str) and isinstance(parsed, (bool, int, float)):
             parsed = value       # a text field keeps the text: YAML would read "no" as False, "1e-3" as a float
         node[leaf] = parsed
-    return from_dict(ExperimentConfig, cfg)
+    out = from_dict(ExperimentConfig, cfg)
+    out.plan.validate()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # dataclass <-> plain dict
 
 
-def _merge(base: dict, new: dict, where: str) -> None:
+FREE_FORM = {("plan", "ablation_train")}   # mappings whose keys are not fixed by a dataclass
+
+
+def _merge(base: dict, new: dict, where: str, path: tuple[str, ...]) -> None:
     for k, v in new.items():
         if k not in base:
             raise ConfigError(f"{where}: unknown config key '{k}'; known: {sorted(base)}")
-        if isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, where)
+        if isinstance(base[k], dict) and isinstance(v, dict) and (*path, k) not in FREE_FORM:
+            _merge(base[k], v, where, (*path, k))
         else:
             base[k] = v
 

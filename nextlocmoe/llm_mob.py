@@ -4,7 +4,7 @@ Paper Sec. 5 compares NextLocMoE with methods that PROMPT a generative LLM (LLM-
 the user's history and current trajectory are written out as text, the model writes an answer, and the
 predicted places are read back out of that answer. The paper reports NextLocMoE up to 600x faster at
 inference than such methods. This module is that baseline with the same backbone family (SmolLM2, the
-full 30 layers, DESIGN.md Sec. 2), scored in the same harness as every other method (metrics.py).
+full 30 layers, docs/design.md §2.9), scored in the same harness as every other method (metrics.py).
 
     window (S_h, S_c)  ->  prompt text  ->  model.generate (greedy, left-padded batches)  ->  answer text
                        ->  ranked list of valid place ids  ->  score vector over all L candidates  ->  ranks
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, NamedTuple, Sequence
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .runtime import median_seconds
 from .utils import as_numpy, default, exists
 
 WEEKDAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")   # Windows.weekday: 0 = Monday
@@ -87,11 +87,11 @@ def _model_device(model: Any) -> torch.device:
 
 @dataclass
 class LLMMobConfig:
-    """Prompting, decoding and evaluation budget of the generative baseline (DESIGN.md Sec. 3, exp. 4 and 6)."""
+    """Prompting, decoding and evaluation budget of the generative baseline (docs/design.md §6.4)."""
 
     max_history: int = 40            # most recent S_h records written into the prompt (paper S_h = 40)
     top_k: int = 10                  # place ids asked for, ranked (LLM-Mob asks for 10); more are ignored
-    max_new_tokens: int = 30         # decoding budget per answer (DESIGN.md Sec. 4: 30 new tokens)
+    max_new_tokens: int = 30         # decoding budget per answer (docs/design.md §6.4)
     batch_size: int = 8              # prompts generated together, left-padded
     greedy: bool = True              # greedy decoding (deterministic); False samples at `temperature`
     temperature: float = 1.0         # sampling temperature, used only when greedy is False
@@ -451,12 +451,7 @@ def answers_json(predictions: list[Prediction]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# efficiency experiment (DESIGN.md Sec. 3, exp. 6; anchors in Sec. 4)
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
+# efficiency experiment (docs/design.md §7.6)
 
 @torch.no_grad()
 def generation_throughput(model: Any, tokenizer: Any, prompt_tokens: int, new_tokens: int,
@@ -475,7 +470,7 @@ def generation_throughput(model: Any, tokenizer: Any, prompt_tokens: int, new_to
         raise ConfigError(f"batch_sizes={list(batch_sizes)!r} must be a non-empty list of integers >= 1")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    device = torch.device(device) if exists(device) else _model_device(model)
+    device = torch.device(device) if exists(device) else _model_device(model)   # where the model already is
     vocab = int(model.config.vocab_size)
     pad_id = getattr(tokenizer, "pad_id", None)
     pad_id = default(pad_id, getattr(tokenizer, "pad_token_id", None))
@@ -490,17 +485,15 @@ def generation_throughput(model: Any, tokenizer: Any, prompt_tokens: int, new_to
                            disable=not progress or None):
         input_ids = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)  # (B, T)
         attention_mask = torch.ones_like(input_ids)
-        times = []
-        for step in range(warmup + repeats):
-            _synchronize(device)
-            started = time.perf_counter()
+        lengths = []
+
+        def step(input_ids=input_ids, attention_mask=attention_mask) -> None:
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
-            _synchronize(device)
-            if step >= warmup:
-                times.append(time.perf_counter() - started)
-        if output.shape[1] != prompt_tokens + new_tokens:
-            raise DataError(f"generation made {output.shape[1] - prompt_tokens} new tokens, expected {new_tokens}")
-        seconds = statistics.median(times)
+            lengths.append(output.shape[1])
+
+        seconds = median_seconds(step, repeats, warmup, device)
+        if lengths[-1] != prompt_tokens + new_tokens:
+            raise DataError(f"generation made {lengths[-1] - prompt_tokens} new tokens, expected {new_tokens}")
         rows.append({"batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                      "seconds_per_batch": seconds, "samples_per_s": batch_size / seconds,
                      "seconds_per_sample": seconds / batch_size, "repeats": repeats, "device": str(device)})

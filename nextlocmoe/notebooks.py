@@ -28,15 +28,19 @@ from typing import Any
 from .errors import ConfigError, NextLocMoEError
 from .io import atomic_path
 
-NOTEBOOKS = (
-    "00_data_preparation.ipynb",
-    "01_training.ipynb",
-    "02_supervised.ipynb",
-    "03_zero_shot.ipynb",
-    "04_ablations.ipynb",
-    "05_efficiency.ipynb",
-    "06_expert_visualisation.ipynb",
-)
+LESSONS_BEFORE = ("00_data_preparation.ipynb", "01_training.ipynb")   # data and training come first
+LESSONS_AFTER = ("06_expert_visualisation.ipynb",)                     # the routing analysis reads their models
+
+
+def notebook_list() -> tuple[str, ...]:
+    """The notebooks in reading order: the lessons before, one per registered experiment, the lessons after."""
+    from .experiments import EXPERIMENTS
+
+    shown = tuple(e.notebook for e in sorted(EXPERIMENTS.values(), key=lambda e: e.order))
+    return LESSONS_BEFORE + shown + LESSONS_AFTER
+
+
+NOTEBOOKS = notebook_list()
 PUBLISHED_PROFILE = "cpu"     # the profile whose executed notebooks, results and figures are committed
 SHOWS_TAG = "shows:"          # a cell tagged "shows:<file>" displays results/<file> verbatim (tests compare them)
 
@@ -66,18 +70,18 @@ def enter_project_root() -> Path:
 
 
 def select_device(device: str = "auto") -> str:
-    """'auto' | 'cpu' | 'cuda' -> the device the library will use ('cpu' hides GPUs if CUDA is not yet in use)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={device!r} is invalid; expected 'auto', 'cpu' or 'cuda'")
+    """'auto' | 'cpu' | 'cuda' -> the device the library will use (`runtime.pick_device`); 'cpu' also hides GPUs
+    from this kernel, so every later 'auto' in the library picks the CPU too."""
+    from .runtime import DEVICES, pick_device
+
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r} is invalid; expected one of {list(DEVICES)}")
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch
-    available = torch.cuda.is_available()
-    if device == "cuda" and not available:
-        raise ConfigError("device='cuda' was asked for but torch sees no CUDA device; use device='auto' or 'cpu'")
-    if device == "cpu" and available:
-        raise ConfigError("device='cpu' was asked for but CUDA was already initialised in this kernel; restart it")
-    return "cuda" if available else "cpu"
+        import torch
+        if torch.cuda.is_available():
+            raise ConfigError("device='cpu' was asked for but CUDA was already initialised in this kernel; restart it")
+    return pick_device(device).type
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Training and evaluation of NextLocMoE on `accelerate` (one CPU, one GPU, or several with `accelerate launch`).
 
-The loop follows the reference training recipe (DESIGN.md Sec. 1): Adam with weight decay 0.01,
+The loop follows the reference training recipe (docs/design.md §3.8): Adam with weight decay 0.01,
 ReduceLROnPlateau on validation Hit@10 (factor 0.5, patience 2), gradient clipping and accumulation, bf16
 on GPU, best checkpoint by validation Hit@10. Two things the reference leaves to chance are fixed here:
 
@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig
 from .data.prepare import prepare
-from .data.windows import Windows, WindowDataset, identity_collate
+from .data.windows import Windows
 from .errors import NextLocMoEError
+from .evaluation import epoch_loader, evaluate
 from .io import atomic_path, provenance, write_json_atomic, write_text_atomic
-from .metrics import CandidateIndex, ranks_from_scores, retrieval_metrics
 from .model import build_model
+from .runs import limited, load_run, load_trainable_state, save_checkpoint, trainable_state
+from .runtime import pick_device, resolve_mixed_precision
 
 SELECTION_METRIC = "hit@10"  # reference: best checkpoint by validation Hit@10
 
@@ -49,103 +51,6 @@ class TrainResult:
     test: dict[str, float]          # test metrics of the best checkpoint
     history: pd.DataFrame           # one row per epoch: train loss parts, validation metrics, lr, seconds
     wall_s: float
-
-
-# ---------------------------------------------------------------------------------------------------
-# helpers
-
-def resolve_mixed_precision(setting: str) -> str:
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    if setting not in ("no", "bf16", "fp16"):
-        raise NextLocMoEError(f"train.mixed_precision='{setting}' is invalid; expected auto, no, bf16 or fp16")
-    return setting
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: the frozen backbone is rebuilt from its source, not stored."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise NextLocMoEError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}; "
-                              "was it written by a different config?")
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
-
-
-def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def limited(windows: Windows, cfg: ExperimentConfig) -> Windows:
-    """The CPU profile trains and evaluates on seeded subsamples; None keeps every window."""
-    t = cfg.train
-    if t.max_train_windows is not None:
-        windows = windows.subsample("train", t.max_train_windows, seed=t.seed)
-    if t.max_eval_windows is not None:
-        for split in ("val", "test"):
-            windows = windows.subsample(split, t.max_eval_windows, seed=t.seed)
-    return windows
-
-
-def epoch_loader(windows: Windows, split: str, batch_size: int, seed: int | None) -> torch.utils.data.DataLoader:
-    """Batches of one epoch; with a seed, the order is a permutation drawn from (seed) only."""
-    dataset = WindowDataset(windows, split)
-    if seed is None:
-        sampler = range(len(dataset))
-    else:
-        g = torch.Generator().manual_seed(seed)
-        sampler = torch.randperm(len(dataset), generator=g).tolist()
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       collate_fn=identity_collate, num_workers=0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# evaluation
-
-@torch.no_grad()
-def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: torch.device | None = None,
-             desc: str | None = None) -> dict[str, float]:
-    """Hit@k, MRR, NDCG@k and distance error of `model` on one split (paper Sec. 5.1 metrics).
-
-    Regression head: the predicted point is matched to candidates by a KD-tree (rank = position of the true
-    location among candidates ordered by distance). Ranking head: candidates ordered by score.
-    """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    loader = epoch_loader(windows, split, batch_size, seed=None)
-    points, targets, ranks, dist_err = [], [], [], []
-    candidates = torch.as_tensor(windows.candidates, dtype=torch.float64)
-    for batch in tqdm(loader, desc=desc or f"eval {split}", leave=False, disable=None):
-        batch = move_batch(batch, device)
-        out = model(batch)
-        if out.scores is not None:
-            scores = out.scores.float().cpu()
-            target = batch["target_location"].cpu()
-            ranks.append(torch.as_tensor(ranks_from_scores(scores, target)))
-            top1 = candidates[scores.argmax(dim=1)]
-            dist_err.append(torch.linalg.norm(top1 - batch["target_xy"].cpu().double(), dim=1))
-        else:
-            points.append(out.pred_xy.float().cpu().double())
-            targets.append(batch["target_location"].cpu())
-            dist_err.append(torch.linalg.norm(points[-1] - batch["target_xy"].cpu().double(), dim=1))
-    if points:
-        index = CandidateIndex(windows.candidates)
-        ranks = [torch.as_tensor(index.rank_of(torch.cat(points).numpy(), torch.cat(targets).numpy()))]
-    model.train(was_training)
-    return retrieval_metrics(torch.cat(ranks).numpy(), distance_error_m=torch.cat(dist_err).numpy())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,17 +194,7 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | os.PathLike, split: str = "test",
-                        windows: Windows | None = None) -> dict[str, float]:
-    """Rebuild the model of `cfg`, load run_dir/best.pt and evaluate one split."""
-    run_dir = Path(run_dir)
-    best_path = run_dir / "best.pt"
-    if not best_path.exists():
-        raise NextLocMoEError(f"{best_path} does not exist; train first (nextlocmoe train ...)")
-    if windows is None:
-        windows = prepare(cfg.data)
-    windows = limited(windows, cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
-    load_trainable_state(model, torch.load(best_path, map_location="cpu", weights_only=False)["model"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate(model.to(device), windows, split, cfg.train.eval_batch_size, device=device)
+                        windows: Windows | None = None, device: str = "auto") -> dict[str, float]:
+    """Rebuild the model of `cfg` from run_dir/best.pt (`runs.load_run`) and evaluate one split."""
+    run = load_run(run_dir, windows, cfg=cfg, device=device)
+    return evaluate(run.model, run.windows, split, cfg.train.eval_batch_size, device=pick_device(device))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nextlocmoe.analysis import (RoutingSample, active_experts_per_token, collect_routing, entropy_over_training,
-                                 expert_activation_by_role, function_gate_by_category, load_trained,
+                                 expert_activation_by_role, function_gate_by_category,
                                  majority_top_expert, normalized_mutual_information, prediction_sample,
                                  routing_alignment, write_routing_summary)
 from nextlocmoe.config import load_config
@@ -22,7 +22,9 @@ from nextlocmoe.data.schema import FUNCTIONS
 from nextlocmoe.errors import ConfigError, DataError, NextLocMoEError
 from nextlocmoe.io import write_text_atomic
 from nextlocmoe.model import build_model
-from nextlocmoe.train import evaluate, limited, save_checkpoint, train, trainable_state
+from nextlocmoe.evaluation import evaluate
+from nextlocmoe.runs import limited, load_run, save_checkpoint, trainable_state
+from nextlocmoe.train import train
 
 SMALL = ["train.epochs=1", "train.max_train_windows=32", "train.max_eval_windows=40", "train.batch_size=16",
          "model.tcn_channels=[176,176]"]
@@ -47,7 +49,7 @@ def regression_run(threads, cache_dir, tmp_path_factory):
     cfg = load_config("smoke", overrides=SMALL)
     windows = prepare(cfg.data, cache_dir=cache_dir)
     result = train(cfg, tmp_path_factory.mktemp("regression"), windows=windows)
-    cfg, model, windows = load_trained(result.out_dir, windows=windows)
+    cfg, model, windows = load_run(result.out_dir, windows=windows)
     sample = collect_routing(model, windows, "test", max_windows=None, batch_size=16, seed=3)
     return dict(result=result, cfg=cfg, model=model, windows=windows, sample=sample)
 
@@ -67,7 +69,7 @@ def ranking_run(threads, cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ranking")
     write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     save_checkpoint(run_dir / "best.pt", {"model": trainable_state(original), "epoch": 1, "val": {}})
-    _, model, windows = load_trained(run_dir, cache_dir=cache_dir)   # windows=None: prepared (cache hit)
+    _, model, windows = load_run(run_dir, cache_dir=cache_dir)   # windows=None: prepared (cache hit)
     sample = collect_routing(model, windows, "test", max_windows=25, batch_size=8, seed=0)
     return dict(cfg=cfg, original=original, model=model, windows=windows, sample=sample, run_dir=run_dir)
 
@@ -77,9 +79,9 @@ def torch_batch(windows, split, idx):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# load_trained
+# load_run
 
-def test_load_trained_reproduces_train_test_metrics(regression_run):
+def test_load_run_reproduces_train_test_metrics(regression_run):
     r = regression_run
     again = evaluate(r["model"], r["windows"], "test", r["cfg"].train.eval_batch_size)
     assert again == pytest.approx(r["result"].test, rel=1e-9)
@@ -92,7 +94,7 @@ def test_load_trained_reproduces_train_test_metrics(regression_run):
     assert error.mean() == pytest.approx(r["result"].test["dist_mean_m"], rel=1e-6)
 
 
-def test_load_trained_loads_the_checkpoint_and_prepares_windows(ranking_run):
+def test_load_run_loads_the_checkpoint_and_prepares_windows(ranking_run):
     r = ranking_run
     assert not r["model"].training
     assert r["windows"].n_windows("test") == 40          # train.limited applied to freshly prepared windows
@@ -103,12 +105,12 @@ def test_load_trained_loads_the_checkpoint_and_prepares_windows(ranking_run):
     torch.testing.assert_close(mine.personalized[0].gate_probs, theirs.personalized[0].gate_probs)
 
 
-def test_load_trained_names_the_missing_file(ranking_run, tmp_path):
+def test_load_run_names_the_missing_file(ranking_run, tmp_path):
     with pytest.raises(NextLocMoEError, match="config.yaml"):
-        load_trained(tmp_path)
+        load_run(tmp_path)
     (tmp_path / "config.yaml").write_text((ranking_run["run_dir"] / "config.yaml").read_text())
     with pytest.raises(NextLocMoEError, match="best.pt"):
-        load_trained(tmp_path)
+        load_run(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,12 +20,19 @@ from nextlocmoe.data.config import DataConfig, SyntheticConfig
 from nextlocmoe.data.sources import load_records
 from nextlocmoe.data.synthetic import generate_city, write_humob_csv
 from nextlocmoe.errors import ConfigError
-from nextlocmoe.experiments import (ID_COLUMNS, METHOD_KIND, PLANS, SUPERVISED_METHODS, Runner, ablation_variants,
-                                    backbone_overhead, home_regions, plans_markdown, run_experiment)
+from nextlocmoe.config import config_hash
+from nextlocmoe.experiments import (Method, Runner, ablation_variants, backbone_overhead, get_method, home_regions,
+                                    methods, register_method, resolve_config, run_config, run_experiment,
+                                    unregister_method)
+from nextlocmoe.report.tables import ID_COLUMNS
 from nextlocmoe.model import ModelConfig, build_model, load_backbone
 from nextlocmoe.model.nextlocmoe import randomly_initialised
 
 torch.set_num_threads(1)
+
+SUPERVISED_METHODS = tuple(m.name for m in methods(supervised=True))
+METHOD_KIND = {m.name: m.kind for m in methods()}
+SMOKE = load_config("smoke")
 
 # The tiny backbone reads the task prompt as 453 byte tokens, five times the cost of the trajectory; the runner's
 # logic does not depend on it, so these tests switch it off (the smoke-profile timings in the report keep it on).
@@ -78,7 +85,7 @@ def test_dense_lora_adds_rank_r_adapters_to_every_ffn_and_only_they_are_new_trai
     assert after["trainable"] - before["trainable"] == expected and after["frozen"] == before["frozen"]
     assert after["trainable_backbone_norms"] == before["trainable_backbone_norms"]
     trainable = {n for n, p in dense.named_parameters() if p.requires_grad and ".mlp." in n}
-    assert trainable == {f"llama.layers.{i}.mlp.{proj}.lora_{ab}.weight"
+    assert trainable == {f"llama.layers.{i}.mlp.{proj}.lora_{ab}.default.weight"   # peft's adapter "default"
                          for i in range(layers) for proj in ("gate_proj", "up_proj", "down_proj") for ab in "AB"}
 
 
@@ -90,10 +97,10 @@ def test_dense_lora_equals_the_plain_ffn_while_b_is_zero_and_trains():
     loss, _ = dense.loss(dense(batch), batch)
     loss.backward()
     mlp = dense.llama.layers[0].mlp
-    assert mlp.gate_proj.lora_B.weight.grad.abs().sum() > 0       # B gets a gradient at once (A is random)
-    assert mlp.gate_proj.base.weight.grad is None                   # the pretrained FFN stays frozen
-    with torch.no_grad():                                           # a non-zero B changes the function
-        mlp.down_proj.lora_B.weight.normal_()
+    assert mlp.gate_proj.lora_B["default"].weight.grad.abs().sum() > 0   # B gets a gradient at once (A is random)
+    assert mlp.gate_proj.base_layer.weight.grad is None                  # the pretrained FFN stays frozen
+    with torch.no_grad():                                                # a non-zero B changes the function
+        mlp.down_proj.lora_B["default"].weight.normal_()
     assert not torch.allclose(plain.eval()(batch).pred_xy, dense.eval()(batch).pred_xy, atol=1e-3)
 
 
@@ -119,24 +126,28 @@ def test_random_backbone_keeps_shapes_and_tokenizer_and_redraws_weights():
 # ---------------------------------------------------------------------------------------------------------
 # plans
 
-def test_plans_table_is_the_one_in_the_docstring_and_smoke_runs_every_experiment():
-    assert plans_markdown() in experiments.__doc__
-    assert set(PLANS) == set(PROFILES)
-    for plan in PLANS.values():
-        assert plan.validate() is plan
+def test_every_profile_is_one_valid_configuration_and_bad_plans_name_the_field():
+    for profile in PROFILES:
+        cfg = resolve_config(profile)
+        assert cfg.plan.validate() is cfg.plan and cfg.profile == profile
     with pytest.raises(ConfigError, match="plan overrides"):
-        experiments.resolve_plan("smoke", {"nope": 1})
+        resolve_config("smoke", plan={"nope": 1})
+    with pytest.raises(ConfigError, match="plan.ablations"):
+        resolve_config("smoke", overrides=["plan.ablations=[no_such_group]"])
+    with pytest.raises(ConfigError, match="plan.ablation_train"):
+        resolve_config("smoke", overrides=["plan.ablation_train={epoch: 3}"])
     with pytest.raises(ConfigError, match="experiment 'nope'"):
         run_experiment("nope", "smoke")
 
 
-def test_plan_budget_applies_unless_the_user_set_the_field():
+def test_the_train_section_is_the_budget_of_every_job_and_ablations_change_only_what_the_plan_says():
     plain = Runner("supervised", "smoke")
-    cfg = plain.job_config(plain.cfg.data, plain.cfg.model, plain.plan.budget)
-    assert (cfg.train.epochs, cfg.train.max_train_windows) == (1, 32)
-    user = Runner("supervised", "smoke", overrides=["train.epochs=3"])
-    cfg = user.job_config(user.cfg.data, user.cfg.model, user.plan.budget)
-    assert (cfg.train.epochs, cfg.train.max_train_windows) == (3, 32)
+    cfg = run_config(plain.cfg, "nextlocmoe")
+    assert (cfg.train.epochs, cfg.train.max_train_windows) == (SMOKE.train.epochs, SMOKE.train.max_train_windows)
+    user = Runner("ablations", "smoke", overrides=["train.epochs=3", "plan.ablation_train={max_train_windows: 16}"])
+    assert run_config(user.cfg, "nextlocmoe").train.epochs == 3
+    ablated = user.job_config(user.cfg.data, user.cfg.model, user.plan.ablation_train).train
+    assert (ablated.epochs, ablated.max_train_windows) == (3, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +178,7 @@ def test_supervised_table_is_tidy_and_every_method_sees_the_same_test_set(superv
     assert METHOD_KIND["nextlocmoe"] == "paper method" and METHOD_KIND["nextlocmoe_ranking"] == "extension"
     wide = df.pivot_table(index="method", columns="metric", values="value")
     # the smoke city has 49 test windows; the plan's budget evaluates a seeded subsample of 32 for every method
-    assert wide["n"].nunique() == 1 and wide["n"].iloc[0] == PLANS["smoke"].budget.eval_windows == 32
+    assert wide["n"].nunique() == 1 and wide["n"].iloc[0] == SMOKE.train.max_eval_windows == 32
     assert (wide["hit@1"] <= wide["hit@5"]).all() and (wide["hit@10"] <= wide["hit@20"]).all()
 
 
@@ -175,7 +186,7 @@ def test_second_call_reads_the_cache_and_force_recomputes(supervised_run, dirs, 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached experiment must not train")
 
-    monkeypatch.setattr(experiments, "train", no_training)
+    monkeypatch.setattr(experiments.core, "train", no_training)
     again = run_experiment("supervised", "smoke", overrides=OVERRIDES, **dirs)
     assert (again.computed, again.cached, again.trained) == (0, len(SUPERVISED_METHODS), 0)
     assert again.table.to_csv(index=False) == supervised_run.table.to_csv(index=False)
@@ -199,6 +210,57 @@ def test_a_changed_config_gets_a_new_job_and_never_reuses_the_stale_result(super
     assert new["markov-synthetic-default"] == (old["markov-synthetic-default"], True)
     assert (dirs["runs_dir"] / "supervised" / f"nextlocmoe-synthetic-default-{old['nextlocmoe-synthetic-default']}"
             / "result.json").exists()
+
+
+def test_nextlocmoe_train_resolves_to_the_supervised_jobs_configuration(supervised_run, dirs, capsys):
+    for method in ("nextlocmoe", "nextlocmoe_ranking", "nextlocllm"):
+        assert main(["train", "--profile", "smoke", "--method", method, "--dataset", "synthetic", "--dry-run",
+                     "--set", OVERRIDES[0]]) == 0
+        printed = capsys.readouterr().out
+        cli_hash = printed.split("# config_hash: ")[1].split()[0]
+        job, = [j for j in supervised_run.jobs if j["job"].startswith(f"{method}-synthetic-default-")]
+        record = json.loads((dirs["runs_dir"] / job["dir"] / "result.json").read_text())
+        assert record["details"]["config_hash"] == cli_hash, method
+        cfg = run_config(resolve_config("smoke", overrides=OVERRIDES), method, "synthetic")
+        assert config_hash(cfg) == cli_hash
+    # another budget is another configuration: the hash sees the train section
+    assert main(["train", "--profile", "smoke", "--dry-run", "--set", OVERRIDES[0], "--set", "train.epochs=2"]) == 0
+    assert capsys.readouterr().out.split("# config_hash: ")[1].split()[0] != cli_hash
+
+
+class LastPlace:
+    """A toy baseline for the registry test: the current record's place scores 1, every other place 0."""
+    name = "toy_last_place"
+
+    def fit(self, windows):
+        self.n_locations = windows.n_locations
+        return self
+
+    def score(self, batch):
+        scores = np.zeros((len(batch["cur_location"]), self.n_locations))
+        scores[np.arange(len(scores)), np.asarray(batch["cur_location"])[:, -1]] = 1.0
+        return scores
+
+
+def test_a_method_added_through_the_registry_runs_in_the_supervised_table(supervised_run, dirs):
+    register_method(Method("toy_last_place", "baseline", "baseline", "predict the current place again", "#123456",
+                           make=lambda plan, seed: LastPlace()))
+    try:
+        result = run_experiment("supervised", "smoke", overrides=OVERRIDES, methods=("toy_last_place", "markov"),
+                                **dirs)
+        rows = result.table[result.table["method"] == "toy_last_place"]
+        wide = rows.set_index("metric")["value"]
+        assert set(rows["kind"]) == {"baseline"} and wide["n"] == 32
+        assert "| toy_last_place | baseline | synthetic |" in result.paths["md"].read_text()
+        from nextlocmoe.report.figures import method_color
+        assert method_color("toy_last_place") == "#123456"
+        with pytest.raises(ConfigError, match="registered already"):
+            register_method(Method("toy_last_place", "baseline", "baseline", "again", "#000000",
+                                   make=lambda plan, seed: LastPlace()))
+    finally:
+        unregister_method("toy_last_place")
+    with pytest.raises(ConfigError, match="method 'toy_last_place' is unknown"):
+        get_method("toy_last_place")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +293,7 @@ def test_zero_shot_covers_every_pair_with_references_and_llm_mob(zero_shot_run):
             ("user_most_frequent", "history only (no training)"), ("llm_mob", "zero-shot (prompted, no training)")}
         n = rows[rows["metric"] == "n"]
         assert n[n["method"] != "llm_mob"]["value"].nunique() == 1           # one test subsample for all
-        assert n[n["method"] == "llm_mob"]["value"].item() <= PLANS["smoke"].llm_mob_samples
+        assert n[n["method"] == "llm_mob"]["value"].item() <= SMOKE.plan.llm_mob_samples
         assert (rows[rows["method"] == "llm_mob"]["metric"] == "unparsable").any()
     assert not df.duplicated(["method", "dataset", "variant", "metric"]).any()
     # the source model of synthetic A is the supervised one: shared, not retrained
@@ -266,7 +328,7 @@ def test_zero_shot_uses_target_candidates_and_source_statistics(zero_shot_run, d
                ("nextlocmoe", "synthetic_A->synthetic_B", "zero-shot")]
     runner = Runner("zero_shot", "smoke", overrides=OVERRIDES, **dirs)
     cfg = runner.cfg
-    job_cfg = runner.job_config(cfg.data, experiments.method_model_config("nextlocmoe", cfg.model), runner.plan.budget)
+    job_cfg = runner.job_config(cfg.data, get_method("nextlocmoe").model_config(cfg.model))
     source = runner.handle("a", cfg.data).windows
     target = runner.handle("b", experiments.second_city(cfg.data)).windows
     assert target.n_locations != source.n_locations       # 14 x 14 vs 12 x 12 cells
@@ -303,7 +365,8 @@ def test_ablations_choose_the_head_by_validation_and_vary_one_thing(supervised_r
 
 def test_depth_ablation_keeps_the_pmoe_layers_at_the_top_of_the_stack():
     paper = ModelConfig(backbone="tiny", num_layers=12, pmoe_layers=(8, 10))
-    plan = dataclasses.replace(PLANS["cpu"], ablations=("depth", "experts"), expert_counts=(1,), depths=(4, 8, 12))
+    plan = dataclasses.replace(load_config("cpu").plan, ablations=("depth", "experts"), expert_counts=(1,),
+                               depths=(4, 8, 12))
     variants = ablation_variants(paper, plan)
     assert variants["depth_4"][1].pmoe_layers == (0, 2) and variants["depth_8"][1].pmoe_layers == (4, 6)
     assert "depth_12" not in variants
@@ -360,7 +423,7 @@ def test_cli_run_reads_the_cache_and_reports_errors_in_one_line(supervised_run, 
 
 
 def test_summarize_states_the_best_method_and_nextlocmoe_rank_from_the_table():
-    from nextlocmoe.experiments import summarize
+    from nextlocmoe.report.summaries import summarize
 
     rows = []
     for method, kind, h1, h10 in [("markov", "baseline", 0.10, 0.30), ("user_most_frequent", "baseline", 0.20, 0.50),

@@ -1,4 +1,4 @@
-"""Figures of nextlocmoe.plots, read back from their artists.
+"""Figures of nextlocmoe.report.figures, read back from their artists.
 
 Every frame here is built by hand with the column sets the real files carry (results/*.csv in the tidy
 schema, train()'s history.csv / steps.csv, nextlocmoe.analysis tables). The expected numbers are computed
@@ -18,7 +18,7 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from nextlocmoe import plots
+from nextlocmoe.report import figures as plots
 from nextlocmoe.data.schema import FUNCTIONS, ROLES, MobilityData
 from nextlocmoe.errors import ConfigError
 
@@ -28,7 +28,7 @@ TIDY = ["experiment", "method", "kind", "dataset", "variant", "metric", "value"]
 # --- helpers ----------------------------------------------------------------------------------------
 
 def tidy(experiment, rows):
-    """rows: (method, kind, dataset, variant, {metric: value}) -> a tidy frame as experiments.py writes it."""
+    """rows: (method, kind, dataset, variant, {metric: value}) -> a tidy frame as the experiments write it."""
     out = [{"experiment": experiment, "method": m, "kind": k, "dataset": d, "variant": v, "metric": metric,
             "value": value} for m, k, d, v, metrics in rows for metric, value in metrics.items()]
     return pd.DataFrame(out, columns=TIDY)
@@ -100,7 +100,7 @@ def test_method_colours_and_kind_hatches_are_fixed_across_figures():
         ("nextlocmoe", "paper method", "A->B", "zero-shot", {"hit@1": 0.1, "hit@5": 0.2, "hit@10": 0.3, "mrr": 0.15}),
         ("markov", "baseline", "A->B", "zero-shot", {"hit@1": 0.1, "hit@5": 0.2, "hit@10": 0.3, "mrr": 0.15}),
     ])))
-    red = to_rgba(plots.METHOD_COLORS["nextlocmoe"])
+    red = to_rgba(plots.method_color("nextlocmoe"))
     assert sup["synthetic|nextlocmoe|default|hit@1"].get_facecolor() == pytest.approx(red)
     assert zero["A->B|nextlocmoe|zero-shot|hit@1"].get_facecolor() == pytest.approx(red)
     assert sup["synthetic|markov|default|mrr"].get_facecolor() == zero["A->B|markov|zero-shot|mrr"].get_facecolor()
@@ -512,7 +512,7 @@ def test_save_figure_writes_a_png_atomically(tmp_path):
 
 
 def test_moe_benchmark_bars_equal_the_ratios():
-    from nextlocmoe.plots import plot_moe_benchmark
+    from nextlocmoe.report.figures import plot_moe_benchmark
 
     table = pd.DataFrame({
         "width": ["smollm2"] * 3 + ["llama3.2-3b"] * 2, "tokens": [2560] * 3 + [80] * 2,

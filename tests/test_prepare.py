@@ -14,8 +14,8 @@ import pytest
 from nextlocmoe.data import prepare as prep
 from nextlocmoe.data import sources
 from nextlocmoe.data.config import CsvColumns, DataConfig, SyntheticConfig
-from nextlocmoe.data.prepare import (cache_key, dataset_statistics, load_windows, prepare, raw_checksum,
-                                     write_statistics)
+from nextlocmoe.data.prepare import cache_key, dataset_statistics, load_windows, prepare, raw_checksum
+from nextlocmoe.report.tables import write_dataset_statistics
 from nextlocmoe.data.windows import make_windows
 from nextlocmoe.errors import DataError
 from nextlocmoe.io import file_sha256
@@ -237,7 +237,7 @@ def test_dataset_statistics_and_files(humob, tmp_path, capsys):
     assert (row["history"], row["current"], row["split"]) == (6, 3, "user 70/10/20")
     assert df.iloc[1]["dataset"] == "synthetic" and df.iloc[1]["locations"] == 100
 
-    paths = write_statistics(df, results_dir=tmp_path / "results", profile="test")
+    paths = write_dataset_statistics(df, results_dir=tmp_path / "results", profile="test")
     back = pd.read_csv(paths["csv"])
     assert back["windows train"].tolist() == df["windows train"].tolist()
     md = paths["md"].read_text().splitlines()

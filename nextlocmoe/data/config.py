@@ -91,7 +91,7 @@ class DataConfig:
         return asdict(self)
 
 
-# Documented protocol per source. HuMob follows the paper's Kumamoto protocol (DESIGN.md Sec. 2).
+# Documented protocol per source. HuMob follows the paper's Kumamoto protocol (docs/design.md §2.2).
 # Check-in data are sparse (a few visits a day, weeks between some): users are not cut at one-day gaps
 # but at gaps over two weeks, and split chronologically per user, the usual check-in protocol.
 SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {

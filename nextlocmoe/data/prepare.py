@@ -1,4 +1,4 @@
-"""Prepared data: windows cached on disk, and the per-dataset statistics table (experiment 1).
+"""Prepared data: windows cached on disk, and the per-dataset statistics (experiment 1; written by report.tables).
 
 `prepare(cfg)` = resolve the config, load the records (`sources.load_records`), build the windows
 (`windows.make_windows`), and keep the result under `.cache/windows/<source>-<key>/`. The key hashes the
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from ..io import file_sha256, provenance, stable_hash, write_json_atomic, write_text_atomic
+from ..io import file_sha256, stable_hash
 from .config import DataConfig
 from .windows import SPLITS, NormStats, Windows, make_windows
 
@@ -186,34 +186,3 @@ def dataset_statistics(windows_list: list[Windows]) -> pd.DataFrame:
     df.attrs["data_checksum"] = {w.meta.get("dataset", "?"): w.meta.get("checksum") for w in windows_list}
     df.attrs["cache_key"] = {w.meta.get("dataset", "?"): w.meta.get("cache_key") for w in windows_list}
     return df
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub markdown table; integers get thousands separators."""
-    def cell(v: Any) -> str:
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            return f"{int(v):,}"
-        if isinstance(v, (float, np.floating)):
-            return f"{float(v):,.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |",
-             "|" + "|".join(" ---: " if pd.api.types.is_numeric_dtype(df[c]) else " --- " for c in df.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def write_statistics(df: pd.DataFrame, results_dir: str | os.PathLike = "results",
-                     profile: str = "cpu", seed: int | None = None) -> dict[str, Path]:
-    """Write dataset_statistics.{csv,md,json} (the json is the provenance sidecar) and print the table."""
-    results = Path(results_dir)
-    table = markdown_table(df)
-    paths = {
-        "csv": write_text_atomic(results / "dataset_statistics.csv", df.to_csv(index=False)),
-        "md": write_text_atomic(results / "dataset_statistics.md", table),
-        "json": write_json_atomic(results / "dataset_statistics.json", provenance(
-            profile, seed=seed, data_checksum=df.attrs.get("data_checksum"), cache_key=df.attrs.get("cache_key"),
-            command="nextlocmoe prepare", files=["dataset_statistics.csv", "dataset_statistics.md"])),
-    }
-    print(table)
-    return paths

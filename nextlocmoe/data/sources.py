@@ -328,7 +328,7 @@ def rebuild_users_from_trajectories(tid: np.ndarray, timestamp: np.ndarray) -> n
 
 
 def load_nyc_foursquare(cfg: DataConfig) -> MobilityData:
-    """New York Foursquare check-ins (Apr 2012 - Feb 2013) from `mat-data`; DESIGN.md Sec. 2.
+    """New York Foursquare check-ins (Apr 2012 - Feb 2013) from `mat-data`; docs/design.md §2.4.
 
     Users are rebuilt from trajectories (`rebuild_users_from_trajectories`); a location is a venue
     (`lat_lon`), and every venue is a candidate. A venue's function comes from its `root_type` through
@@ -451,7 +451,7 @@ def read_humob_csv(path: str | Path) -> pd.DataFrame:
 
 
 def load_humob(cfg: DataConfig) -> MobilityData:
-    """HuMob Challenge 2024 city data (the paper's Kumamoto is city D); DESIGN.md Sec. 2.
+    """HuMob Challenge 2024 city data (the paper's Kumamoto is city D); docs/design.md §2.6.
 
     Every one of the humob_grid^2 cells is a candidate location; real HuMob has no cell functions, so
     all are "Unknown".

@@ -1,6 +1,6 @@
 """Records -> sub-users -> (history, current, target) windows -> train/val/test splits.
 
-Paper Sec. 5.1 (and DESIGN.md Sec. 2): a sample is a long-term history S_h (the H records just before the
+Paper Sec. 5.1 (and docs/design.md §2.7): a sample is a long-term history S_h (the H records just before the
 current window), a current trajectory S_c (C records) and a target, the record right after S_c. Each
 record is the 5-tuple (x, y, weekday, hour, duration), duration = hours to the sub-user's next record.
 

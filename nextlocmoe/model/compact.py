@@ -3,7 +3,7 @@
 Why it exists: a lent GPU machine receives only the working tree plus at most 64 MiB of carried files, and the
 SmolLM2-135M GGUF is 98 MB. NextLocMoE (paper Sec. 4) needs only part of it:
 
-- the first N decoder layers (default 12, DESIGN.md section 2) and the final RMSNorm;
+- the first N decoder layers (default 12, docs/design.md §3.4) and the final RMSNorm;
 - the input-embedding rows of the tokens of its fixed texts (task prompt, function and role descriptions,
   `nextlocmoe.model.texts`): trajectory tokens enter through new projection layers, never the token table;
 - the config, and the token ids of those texts (the tokenizer is needed for nothing else).
@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, file_sha256, write_json_atomic
-from .backbone import Backbone, smollm2_gguf_path
+from .backbone_common import Backbone, smollm2_gguf_path
 
 MANIFEST_NAME = "compact_backbone.json"   # written last: its presence marks a complete export
 WEIGHTS_NAME = "compact_backbone.npz"

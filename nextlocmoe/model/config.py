@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelConfig:
-    # backbone (paper Sec. 5.1; DESIGN.md Sec. 2 for the offline substitutes)
+    # backbone (paper Sec. 5.1; docs/design.md §2.9 for the offline substitutes)
     backbone: str = "smollm2"        # paper: meta-llama/Llama-3.2-3B; here SmolLM2-135M GGUF, "tiny" for tests
     num_layers: int | None = 12      # paper: first 12 of 28 decoder layers; None keeps them all
     pmoe_layers: tuple[int, ...] = (8, 10)  # decoder layers whose FFN becomes a P-MoE (reference range(8, 12, 2))

@@ -1,7 +1,7 @@
 """Prediction heads on the last token's state: the paper's coordinate regression and our candidate ranking.
 
 Both heads read the prediction state AFTER the backbone's final RMSNorm (the reference skips that norm and
-reads the raw residual stream, DESIGN.md Sec. 5) and both run in float32 with autocast switched off, even
+reads the raw residual stream, docs/design.md §4.2) and both run in float32 with autocast switched off, even
 when the backbone runs in bf16: a bf16 coordinate keeps about three significant digits, i.e. tens of metres
 across a city.
 """

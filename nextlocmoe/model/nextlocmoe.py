@@ -15,7 +15,7 @@ The transformer layers are transformers' own LlamaDecoderLayer modules, called i
 Personalized MoE can receive h; attention, rotary embeddings and the causal mask are the library's.
 
 Two switches turn the same class into the comparisons of the experiments: `dense_lora=True` with the MoEs
-and the router off is the NextLocLLM-style baseline (a LoRA on every dense FFN instead of role experts), and
+and the router off is the NextLocLLM-style baseline (a peft LoRA on every dense FFN instead of role experts), and
 `backbone_init="random"` keeps the backbone's shapes and tokenizer but re-draws its weights (the
 pretrained-vs-random ablation).
 """
@@ -33,6 +33,13 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
+try:   # the NextLocLLM-style baseline's LoRA (add_dense_lora); the rest of the model runs without peft
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+except ImportError:   # e.g. a lent GPU machine's image without it: then only dense_lora=True fails, clearly
+    LoraConfig = inject_adapter_in_model = None
+    LoraLayer = ()    # isinstance(m, ()) is False
+
 from ..data.schema import FUNCTIONS
 from ..errors import ConfigError, DataError
 from .backbone import Backbone, embed_text, embed_tokens, freeze_like_paper, load_backbone
@@ -41,7 +48,7 @@ from .features import TokenFeatures, TokenProjections
 from .heads import RankingHead, RegressionHead, final_norm_float32
 from .history_router import HistoryRouter
 from .location_moe import LocationSemanticsMoE
-from .personalized_moe import LoRALinear, MoEOutput, PersonalizedMoE
+from .personalized_moe import MoEOutput, PersonalizedMoE
 from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_names
 
 BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
@@ -408,7 +415,7 @@ class NextLocMoE(nn.Module):
         params = list(self.parameters())
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
-        dense_lora = sum(count(m.lora_A) + count(m.lora_B) for m in self.llama.modules() if isinstance(m, LoRALinear))
+        dense_lora = sum(count(m.lora_A) + count(m.lora_B) for m in self.llama.modules() if isinstance(m, LoraLayer))
         return {
             "total": total,
             "trainable": trainable,
@@ -423,23 +430,35 @@ class NextLocMoE(nn.Module):
         }
 
 
+DENSE_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")   # the FFN projections that get a LoRA
+
+
 def add_dense_lora(llama: nn.Module, r: int, alpha: float, dropout: float) -> int:
-    """Wrap gate/up/down of every decoder layer's FFN in a LoRALinear (frozen base + trainable low-rank update).
+    """Put a peft LoRA on gate/up/down of every decoder layer's FFN (frozen base + trainable low-rank update).
 
     The NextLocLLM-style baseline's trainable capacity inside the backbone: the same adapter as one role expert
-    of the Personalized MoE, on every layer instead of 11 experts on two layers. LoRA B starts at zero, so the
-    wrapped model computes exactly the frozen FFN until training moves it. Returns the number of wrapped layers.
+    of the Personalized MoE (rank r, scaling alpha / r, dropout on the LoRA input), on every layer instead of 11
+    experts on two layers. `peft.inject_adapter_in_model` replaces each nn.Linear in place by a peft
+    `lora.Linear` (the frozen original as `base_layer`, A and B as `lora_A.default` / `lora_B.default`), so the
+    model's own layer loop runs unchanged. A is drawn like an nn.Linear's weight, B starts at zero: the wrapped
+    model computes exactly the frozen FFN until training moves it. Returns the number of wrapped layers.
     """
-    wrapped = 0
-    for layer in llama.layers:
-        mlp = layer.mlp
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            projection = getattr(mlp, name)
-            if isinstance(projection, LoRALinear):
-                raise ConfigError(f"add_dense_lora: layer {wrapped} already holds a LoRA on {name}")
-            setattr(mlp, name, LoRALinear(projection, r, alpha, dropout))
-        wrapped += 1
-    return wrapped
+    if inject_adapter_in_model is None:
+        raise ConfigError("model.dense_lora=True needs the package 'peft', which is not installed; run `make install`")
+    already = [name for name, module in llama.named_modules() if isinstance(module, LoraLayer)]
+    if already:
+        raise ConfigError(f"add_dense_lora: {already[0]} already holds a LoRA ({len(already)} such modules); "
+                          "expected a backbone without adapters")
+    targets = [f"layers.{i}.mlp.{name}" for i in range(len(llama.layers)) for name in DENSE_LORA_TARGETS]
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    requires_grad = {name: p.requires_grad for name, p in llama.named_parameters()}
+    inject_adapter_in_model(lora, llama)
+    # peft freezes every parameter that is not an adapter's; the backbone's own keep their flags (the RMSNorms
+    # stay trainable, paper Sec. 4). The wrapped projections' weights are renamed `base_layer.weight` and stay frozen.
+    for name, p in llama.named_parameters():
+        if name in requires_grad:
+            p.requires_grad_(requires_grad[name])
+    return len(llama.layers)
 
 
 def randomly_initialised(backbone: Backbone, seed: int) -> Backbone:

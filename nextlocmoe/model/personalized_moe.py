@@ -12,7 +12,7 @@ layer returns the probability-weighted sum of their outputs.
 Two formulations of the same function live here:
 
 * `PersonalizedMoE`, the one the model uses. LoRA is additive and the down projection is linear, so all
-  experts can share ONE frozen base FFN (DESIGN.md section 4):
+  experts can share ONE frozen base FFN (docs/design.md §3.5, §4.10):
 
       g_e = W_gate x + s B_gate,e A_gate,e x          (base part once per token, low-rank part per expert)
       u_e = W_up   x + s B_up,e   A_up,e   x
@@ -79,7 +79,7 @@ class PersonalizedMoEConfig:
     lora_r: int = 16               # LoRA rank of every expert (reference: r=16)
     lora_alpha: float = 16.0       # LoRA alpha; the low-rank update is scaled by alpha / r (reference: 16)
     lora_dropout: float = 0.02     # dropout on each LoRA input (reference: 0.02)
-    gate_hidden: int = 128         # hidden width of the gate MLP; ours (neither paper nor DESIGN.md fixes it; 128
+    gate_hidden: int = 128         # hidden width of the gate MLP; ours (no source fixes it, docs/design.md §5.2; 128
                                    # matches the Location Semantics MoE gate 352->128->5 of the reference)
     renormalize: bool = False      # divide the kept probabilities by their sum; False as in the reference
     expert_compute: str = "auto"   # ours: "grouped" (loop over experts on their own tokens), "pairs" (all
@@ -236,6 +236,11 @@ class PersonalizedMoE(nn.Module):
     history_dim  width of the history summary h (176 in the reference: the TCN's channels)
     role_keys    (E, D_key) fixed role keys (mean-pooled input embeddings of the role descriptions); a buffer
     cfg          PersonalizedMoEConfig
+
+    Why hand-written and not peft: peft adapts one Linear with one or several named adapters (the active ones
+    added alike for every token), but it does not compute a per-token, gate-weighted mixture of adapters that
+    share one base down projection, which is what this layer is. With a single expert (gate weight exactly 1)
+    the layer is peft's LoRA on gate/up/down; tests/test_peft_lora.py proves that equality (outputs, gradients).
     """
 
     def __init__(self, base_mlp: nn.Module, history_dim: int, role_keys: torch.Tensor,

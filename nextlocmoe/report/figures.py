@@ -1,6 +1,6 @@
 """Every figure of the notebooks, drawn from results files and from the frames of `nextlocmoe.analysis`.
 
-One direction of flow (STYLE.md): experiments write tidy results files, notebooks read them and call a
+One direction of flow: experiments write tidy results files, notebooks read them and call a
 function here, which returns a matplotlib `Figure`; `save_figure` writes it to figures/ as a PNG. Nothing
 here trains, evaluates or reads a model.
 
@@ -18,7 +18,7 @@ here trains, evaluates or reads a model.
     save_figure(fig, path)                   atomic PNG write, closes the figure
 
 Tidy results tables have the columns experiment, method, kind, dataset, variant, metric, value (one row per
-number; `experiments.py`). Every method keeps one colour in every figure (`METHOD_COLORS`; NextLocMoE's rows
+number; `report.tables`). Every method keeps one colour in every figure (its registry entry; NextLocMoE's rows
 are red with a black edge), and a method's `kind` (paper method, extension, baseline, ablation, comparison,
 reference) is its bar hatch (`KIND_HATCHES`) and is written in the legend.
 
@@ -48,12 +48,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .data.schema import FUNCTIONS, ROLES, UNKNOWN_FUNCTION
-from .errors import ConfigError
-from .io import atomic_path
+from ..data.schema import FUNCTIONS, ROLES, UNKNOWN_FUNCTION
+from ..errors import ConfigError
+from ..experiments.registry import METHODS
+from ..io import atomic_path
+from .tables import TIDY_COLUMNS
 
 __all__ = [
-    "METHOD_COLORS", "KIND_HATCHES", "FUNCTION_COLORS", "TOKEN_KIND_COLORS", "TIDY_COLUMNS",
+    "KIND_HATCHES", "FUNCTION_COLORS", "TOKEN_KIND_COLORS", "TIDY_COLUMNS",
     "method_color", "metric_label", "save_figure",
     "plot_dataset_overview", "plot_training_curves", "plot_supervised", "plot_zero_shot", "plot_ablations",
     "plot_efficiency", "plot_role_expert_heatmap", "plot_function_gate_heatmap", "plot_active_experts",
@@ -63,21 +65,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------
 # fixed styles: one colour per method, one hatch per kind, one colour per location function
 
-TIDY_COLUMNS = ("experiment", "method", "kind", "dataset", "variant", "metric", "value")
-
 NEXTLOCMOE_RED = "#c0392b"
-METHOD_COLORS: dict[str, str] = {
-    "nextlocmoe": NEXTLOCMOE_RED,          # the paper's method: the one colour that stands out
-    "nextlocmoe_ranking": "#e67e22",       # this project's ranking head: NextLocMoE's warm family
-    "nextlocllm": "#2c7fb8",               # same backbone, no MoE: the closest baseline
-    "llm_mob": "#7b5ea7",                  # prompted generative LLM
-    "transformer": "#41ab5d",
-    "lstm": "#1b9e9e",
-    "markov": "#b8b332",
-    "user_most_frequent": "#8c6d4f",
-    "popularity": "#8a8a8a",
-    "nextlocmoe_vs_llm_mob": NEXTLOCMOE_RED,
-}
+# one colour per method: the method registry's (nextlocmoe.experiments.registry; NextLocMoE's rows are red)
 # palette for methods this table does not name; crc32 of the name picks the colour, so it is stable
 _FALLBACK_COLORS = ("#17becf", "#bcbd22", "#9467bd", "#e377c2", "#7f7f7f", "#8c564b", "#1f77b4", "#2ca02c")
 
@@ -128,9 +117,9 @@ def _figure(figsize: tuple[float, float]) -> Figure:
 
 
 def method_color(method: str) -> str:
-    """The fixed colour of a method in every figure (stable for methods METHOD_COLORS does not list)."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
+    """The fixed colour of a method in every figure (stable for methods the registry does not list)."""
+    if method in METHODS:
+        return METHODS[method].color
     return _FALLBACK_COLORS[zlib.crc32(method.encode()) % len(_FALLBACK_COLORS)]
 
 

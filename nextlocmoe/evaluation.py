@@ -1,0 +1,59 @@
+"""Evaluation of a NextLocMoE-class model on one split (paper Sec. 5.1 metrics), and the batch loader."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.windows import Windows, WindowDataset, identity_collate
+from .metrics import CandidateIndex, ranks_from_scores, retrieval_metrics
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def epoch_loader(windows: Windows, split: str, batch_size: int, seed: int | None) -> torch.utils.data.DataLoader:
+    """Batches of one pass over a split; with a seed, the order is a permutation drawn from (seed) only."""
+    dataset = WindowDataset(windows, split)
+    if seed is None:
+        sampler = range(len(dataset))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        sampler = torch.randperm(len(dataset), generator=g).tolist()
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       collate_fn=identity_collate, num_workers=0)
+
+
+@torch.no_grad()
+def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: torch.device | None = None,
+             desc: str | None = None) -> dict[str, float]:
+    """Hit@k, MRR, NDCG@k and distance error of `model` on one split (docs/design.md §3.7).
+
+    Regression head: the predicted point is matched to candidates by a KD-tree (rank = position of the true
+    location among candidates ordered by distance). Ranking head: candidates ordered by score.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    loader = epoch_loader(windows, split, batch_size, seed=None)
+    points, targets, ranks, dist_err = [], [], [], []
+    candidates = torch.as_tensor(windows.candidates, dtype=torch.float64)
+    for batch in tqdm(loader, desc=desc or f"eval {split}", leave=False, disable=None):
+        batch = move_batch(batch, device)
+        out = model(batch)
+        if out.scores is not None:
+            scores = out.scores.float().cpu()
+            target = batch["target_location"].cpu()
+            ranks.append(torch.as_tensor(ranks_from_scores(scores, target)))
+            top1 = candidates[scores.argmax(dim=1)]
+            dist_err.append(torch.linalg.norm(top1 - batch["target_xy"].cpu().double(), dim=1))
+        else:
+            points.append(out.pred_xy.float().cpu().double())
+            targets.append(batch["target_location"].cpu())
+            dist_err.append(torch.linalg.norm(points[-1] - batch["target_xy"].cpu().double(), dim=1))
+    if points:
+        index = CandidateIndex(windows.candidates)
+        ranks = [torch.as_tensor(index.rank_of(torch.cat(points).numpy(), torch.cat(targets).numpy()))]
+    model.train(was_training)
+    return retrieval_metrics(torch.cat(ranks).numpy(), distance_error_m=torch.cat(dist_err).numpy())

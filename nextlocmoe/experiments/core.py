@@ -1,0 +1,261 @@
+"""The small core of the harness: one experiment call (`Runner`), its job cache, shared trained models, results.
+
+Jobs and caching. An experiment is a list of jobs (one method on one dataset in one variant). A job's key
+hashes (io.stable_hash) everything that decides its result: the experiment, method, dataset and variant, the
+training configuration (data, model, train; `config.training_dict`) and the raw data's checksum. Its result
+is kept in runs/experiments/<experiment>/<job>-<hash>/result.json and reused unless force=True; a changed
+configuration gives a new hash, so a stale result is never read. Trained models are cached one level lower,
+in runs/experiments/models/<source>-<head>-<hash>/ (the train() run directory: checkpoints, history,
+metrics), keyed by (training configuration, data) alone, so the supervised, zero-shot and ablation
+experiments, notebook 01 and `nextlocmoe train` with the same configuration share one model instead of
+training it several times. An interrupted training resumes from its last epoch. Every file is written
+atomically.
+
+Configuration. The profile (nextlocmoe.config) holds the training section AND the plan. A supervised or
+zero-shot job trains with the profile's `train` section as it is; ablation variants apply
+`plan.ablation_train` on top. `run_config(cfg, method, dataset)` is the configuration of the supervised job
+of (method, dataset); `nextlocmoe train --method M --dataset D` trains exactly that configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..config import ExperimentConfig, TrainConfig, config_hash, load_config, training_dict
+from ..data.config import DataConfig
+from ..data.prepare import prepare
+from ..errors import ConfigError
+from ..io import plain, provenance, stable_hash, write_json_atomic
+from ..metrics import metrics_table
+from ..model.config import ModelConfig
+from ..report.tables import ID_COLUMNS, results_markdown, write_results
+from ..train import train
+from .datasets import DATASET_SOURCES, DatasetHandle, dataset_config
+from .registry import ABLATIONS, get_experiment, get_method, methods
+
+JOB_FORMAT_VERSION = 2      # bump when what a job stores changes: every cached result then misses (2: config_hash)
+MODEL_FORMAT_VERSION = 3    # the same for trained models (2: steps.csv; 3: key without profile name and plan)
+
+
+def slug(*parts: str) -> str:
+    """A file-name-safe job name: letters, digits, '.', '_' and '-' only."""
+    return "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", str(p)).strip("_") for p in parts)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# configurations of jobs
+
+def job_config(cfg: ExperimentConfig, data: DataConfig, model: ModelConfig,
+               train_changes: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The profile's configuration with this data, this model and (ablations) these train fields changed."""
+    out = copy.deepcopy(cfg)
+    out.data, out.model = data, model
+    if train_changes:
+        out.train = dataclasses.replace(out.train, **train_changes)
+    return out
+
+
+def run_config(cfg: ExperimentConfig, method: str, dataset: str | None = None) -> ExperimentConfig:
+    """What the supervised experiment trains for (method, dataset); dataset None = the plan's first dataset."""
+    m = get_method(method)
+    if m.family != "model":
+        raise ConfigError(f"method '{method}' is not a trained model; expected one of "
+                          f"{[x.name for x in methods(family='model')]}")
+    return job_config(cfg, dataset_config(dataset or cfg.plan.datasets[0], cfg), m.model_config(cfg.model))
+
+
+def budget_text(train: TrainConfig) -> str:
+    """A training budget in words, e.g. "1 ep, 500 train / 200 eval" (windows; "all" = no subsample)."""
+    def n(v: int | None) -> str:
+        return "all" if v is None else str(v)
+    return f"{train.epochs} ep, {n(train.max_train_windows)} train / {n(train.max_eval_windows)} eval"
+
+
+def resolve_config(profile: str, config_path: str | os.PathLike | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), plan: dict[str, Any] | None = None) -> ExperimentConfig:
+    """load_config, then `plan` (a dict of plan fields: the Python form of `--set plan.<field>=...`), then the
+    checks that need the registries (dataset names, ablation groups)."""
+    cfg = load_config(profile, config_path, list(overrides))
+    if plan:
+        known = {f.name for f in dataclasses.fields(cfg.plan)}
+        unknown = sorted(set(plan) - known)
+        if unknown:
+            raise ConfigError(f"plan overrides {unknown} are unknown; known: {sorted(known)}")
+        cfg.plan = dataclasses.replace(cfg.plan, **{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in plan.items()}).validate()
+    p = cfg.plan
+    for name, ok, expected in (
+            ("datasets", all(d in DATASET_SOURCES for d in p.datasets), f"names from {list(DATASET_SOURCES)}"),
+            ("region_dataset", p.region_dataset in DATASET_SOURCES, f"one of {list(DATASET_SOURCES)}"),
+            ("ablations", all(a in ABLATIONS for a in p.ablations), f"groups from {list(ABLATIONS)}")):
+        if not ok:
+            raise ConfigError(f"plan.{name}={getattr(p, name)!r} is invalid; expected {expected}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# one experiment call
+
+@dataclass
+class ExperimentResult:
+    name: str
+    profile: str
+    table: pd.DataFrame              # tidy: experiment, method, kind, dataset, variant, metric, value
+    paths: dict[str, Path]           # csv, md, json
+    jobs: list[dict[str, Any]]       # job name, hash, cached, directory (relative to runs_dir)
+    computed: int                    # jobs computed in this call
+    cached: int                      # jobs read from the cache
+    trained: int                     # models trained in this call
+    wall_s: float
+    decisions: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """State of one experiment call: configuration, caches, counters and the rows of its table."""
+
+    def __init__(self, name: str, profile: str, *, results_dir: str | os.PathLike = "results",
+                 runs_dir: str | os.PathLike = "runs/experiments", cache_dir: str | os.PathLike = ".cache/windows",
+                 force: bool = False, config_path: str | os.PathLike | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), plan: dict[str, Any] | None = None):
+        self.experiment = get_experiment(name)
+        self.name, self.profile = name, profile
+        self.cfg = resolve_config(profile, config_path, overrides, plan)
+        self.plan = self.cfg.plan
+        self.results_dir, self.runs_dir, self.cache_dir = Path(results_dir), Path(runs_dir), Path(cache_dir)
+        self.force = force
+        self.computed = self.cached = self.trained = 0
+        self.retrained: set[str] = set()
+        self.jobs: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.decisions: dict[str, Any] = {}
+        self.datasets: dict[str, DatasetHandle] = {}
+        self.t0 = time.perf_counter()
+
+    # -- datasets -----------------------------------------------------------------------------------
+    def dataset(self, name: str) -> DatasetHandle:
+        if name not in self.datasets:
+            self.datasets[name] = self.handle(name, dataset_config(name, self.cfg))
+        return self.datasets[name]
+
+    def handle(self, name: str, config: DataConfig) -> DatasetHandle:
+        return DatasetHandle(name, config, lambda: prepare(config, cache_dir=self.cache_dir))
+
+    def job_config(self, data: DataConfig, model: ModelConfig,
+                   train_changes: dict[str, Any] | None = None) -> ExperimentConfig:
+        return job_config(self.cfg, data, model, train_changes)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def job(self, method: str, dataset: str, variant: str, key: dict[str, Any],
+            compute: Callable[[Path], dict[str, Any]], kind: str | None = None) -> dict[str, Any]:
+        """Run (or read from the cache) one job; `compute(job_dir)` returns {"metrics": {...}, ...details}."""
+        kind = kind or get_method(method).kind
+        h = stable_hash({"experiment": self.name, "method": method, "dataset": dataset, "variant": variant,
+                         "key": key, "format": JOB_FORMAT_VERSION})
+        job_dir = self.runs_dir / self.name / f"{slug(method, dataset, variant)}-{h}"
+        path = job_dir / "result.json"
+        record = None if self.force else _read_json(path)
+        cached = record is not None and record.get("hash") == h
+        if not cached:
+            started = time.perf_counter()
+            out = compute(job_dir)
+            metrics = {k: v for k, v in out.pop("metrics").items() if _is_number(v)}
+            record = {"hash": h, "experiment": self.name, "method": method, "kind": kind, "dataset": dataset,
+                      "variant": variant, "metrics": metrics, "details": out, "key": key,
+                      "wall_s": time.perf_counter() - started,
+                      "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_json_atomic(path, record)
+            record = json.loads(json.dumps(record, sort_keys=True, default=str))   # the same form as a cache hit
+            self.computed += 1
+        else:
+            self.cached += 1
+        self.jobs.append({"job": job_dir.name, "hash": h, "cached": cached,
+                          "dir": str(job_dir.relative_to(self.runs_dir))})
+        self.rows.append({"experiment": self.name, "method": method, "kind": record["kind"], "dataset": dataset,
+                          "variant": variant, **record["metrics"]})
+        return record
+
+    def trained_model(self, cfg: ExperimentConfig, data: DatasetHandle) -> dict[str, Any]:
+        """Train `cfg` on `data` unless a model with this (training config, data) key is cached; its record."""
+        key = stable_hash({"config": training_dict(cfg), "data": data.fingerprint, "format": MODEL_FORMAT_VERSION})
+        model_dir = self.runs_dir / "models" / slug(data.config.source, cfg.model.head, key)
+        path = model_dir / "model.json"
+        fresh = self.force and key not in self.retrained
+        record = None if fresh else _read_json(path)
+        if record is None or record.get("key") != key:
+            result = train(cfg, model_dir, windows=data.windows, resume=not fresh)
+            written = json.loads((model_dir / "metrics.json").read_text())
+            record = {"key": key, "config_hash": config_hash(cfg), "dir": str(model_dir.relative_to(self.runs_dir)),
+                      "best_epoch": result.best_epoch, "val": result.val, "test": result.test,
+                      "parameters": written.get("parameters"), "windows": written.get("windows"),
+                      "train_wall_s": result.wall_s, "data": data.fingerprint}
+            write_json_atomic(path, record)
+            self.trained += 1
+            self.retrained.add(key)
+        return record
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def finish(self, notes: list[str]) -> ExperimentResult:
+        table = metrics_table(self.rows, id_columns=ID_COLUMNS)
+        wall = time.perf_counter() - self.t0
+        checksums = {h.name: h.checksum for h in self.datasets.values()}
+        stamp = provenance(self.profile, seed=self.cfg.train.seed, data_checksum=checksums,
+                           experiment=self.name, command=f"nextlocmoe run {self.name} --profile {self.profile}",
+                           wall_s=wall, plan=plain(dataclasses.asdict(self.plan)), profile_config=self.cfg.to_dict(),
+                           decisions=self.decisions, notes=notes, jobs=self.jobs, jobs_computed=self.computed,
+                           jobs_cached=self.cached, models_trained=self.trained)
+        markdown = results_markdown(table, self.name, self.profile, notes, self.experiment.description,
+                                    self.experiment.layout)
+        paths = write_results(self.results_dir, self.name, table, markdown, stamp)
+        return ExperimentResult(self.name, self.profile, table, paths, self.jobs, self.computed, self.cached,
+                                self.trained, wall, self.decisions)
+
+
+def run_experiment(name: str, profile: str = "smoke", *, results_dir: str | os.PathLike = "results",
+                   runs_dir: str | os.PathLike = "runs/experiments", cache_dir: str | os.PathLike = ".cache/windows",
+                   force: bool = False, config_path: str | os.PathLike | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), plan: dict[str, Any] | None = None,
+                   **options: Any) -> ExperimentResult:
+    """Run registered experiment `name` under `profile` and write results/<name>.{csv,md,json}.
+
+    results_dir  receives <name>.csv, <name>.md and <name>.json
+    runs_dir     job results and trained models (the cache); force=True recomputes every job of this call
+    overrides    `section.field=value` config overrides, as on the command line
+    plan         plan fields to replace (e.g. {"ablations": ("no_location_moe",)}): `--set plan.<field>` from Python
+    options      passed to the experiment (zero_shot: humob_paths; supervised: methods)
+    """
+    runner = Runner(name, profile, results_dir=results_dir, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
+                    config_path=config_path, overrides=overrides, plan=plan)
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        inspect.signature(runner.experiment.run).bind(runner, **options)
+    except TypeError:
+        raise ConfigError(f"experiment '{name}' takes no option(s) {sorted(options)}") from None
+    notes = runner.experiment.run(runner, **options)
+    result = runner.finish(notes)
+    print(f"{name} ({profile}): {result.computed} job(s) computed, {result.cached} from cache, "
+          f"{result.trained} model(s) trained, {result.wall_s:.1f} s -> {result.paths['md']}", file=sys.stderr)
+    return result

@@ -1,0 +1,184 @@
+"""The registered methods (rows of the tables) and the two job bodies every experiment uses.
+
+    popularity, user_most_frequent, markov, lstm, transformer   classical baselines (nextlocmoe.baselines)
+    nextlocllm          NextLocLLM-style: same backbone and prompt, regression head + KD-tree, no MoE and no
+                        router; a peft LoRA on every FFN gives it trainable capacity inside the backbone
+    nextlocmoe          the paper's model: both MoEs, the history router, regression head + KD-tree
+    nextlocmoe_ranking  the same with this project's ranking head
+    llm_mob             LLM-Mob-style prompting of the generative backbone (zero-shot and efficiency only)
+
+`baseline_job` fits a baseline on the (subsampled) training split and tests it; `model_job` trains (or
+reuses) a model and reports the test metrics of its best-validation checkpoint. Both go through the runner's
+job cache (core.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..baselines import BASELINES, NeuralBaselineConfig, evaluate_baseline
+from ..config import ExperimentConfig, config_hash, training_dict
+from ..model.backbone import RANDOM_BACKBONES
+from ..model.compact import is_compact_dir
+from ..model.config import ModelConfig
+from ..runs import limited
+from ..runtime import pick_device
+from .core import Runner
+from .datasets import DatasetHandle
+from .registry import Method, register_method
+
+NEXTLOCMOE_RED = "#c0392b"
+
+
+def _counting(name: str):
+    return lambda plan, seed: BASELINES[name]()
+
+
+def _neural(name: str):
+    return lambda plan, seed: BASELINES[name](NeuralBaselineConfig(epochs=plan.baseline_epochs, seed=seed))
+
+
+for _order, (_name, _label, _color, _make) in enumerate([
+        ("popularity", "most popular training target, same for everyone", "#8a8a8a", _counting("popularity")),
+        ("user_most_frequent", "most frequent place of the window's own records (popularity breaks ties)",
+         "#8c6d4f", _counting("user_most_frequent")),
+        ("markov", "first-order transitions from the current place (smoothed, popularity prior)", "#b8b332",
+         _counting("markov")),
+        ("lstm", "LSTM classifier over the window's place ids and times", "#1b9e9e", _neural("lstm")),
+        ("transformer", "MHSA-style (causal transformer) classifier over the window", "#41ab5d",
+         _neural("transformer"))]):
+    register_method(Method(_name, "baseline", "baseline", _label, _color, make=_make, order=10 + _order))
+
+
+def _nextlocllm(base: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(base, head="regression", use_location_moe=False, use_personalized_moe=False,
+                               use_history_router=False, dense_lora=True)
+
+
+register_method(Method("nextlocllm", "baseline", "model", "NextLocLLM-style: same backbone and prompt, regression "
+                       "head, no MoE, no router, LoRA on every FFN", "#2c7fb8", model_config=_nextlocllm, order=20))
+register_method(Method("nextlocmoe", "paper method", "model", "NextLocMoE as in the paper (regression head + KD-tree)",
+                       NEXTLOCMOE_RED, model_config=lambda base: dataclasses.replace(base, head="regression"),
+                       order=30))
+register_method(Method("nextlocmoe_ranking", "extension", "model", "NextLocMoE with this project's ranking head",
+                       "#e67e22", model_config=lambda base: dataclasses.replace(base, head="ranking"), order=31))
+register_method(Method("llm_mob", "baseline", "prompted", "LLM-Mob-style: the generative backbone prompted with the "
+                       "visits as text, no training", "#7b5ea7", supervised=False, order=40))
+# not a method: the speed ratio row of the efficiency table, registered so that its colour and kind are known
+register_method(Method("nextlocmoe_vs_llm_mob", "comparison", "prompted", "NextLocMoE samples/s over LLM-Mob's",
+                       NEXTLOCMOE_RED, supervised=False, order=90))
+
+
+def head_method(head: str) -> str:
+    """The model method of NextLocMoE with this head."""
+    return "nextlocmoe" if head == "regression" else "nextlocmoe_ranking"
+
+
+# ---------------------------------------------------------------------------------------------------
+# job bodies
+
+def _budget(cfg: ExperimentConfig, *fields: str) -> dict[str, Any]:
+    return {k: getattr(cfg.train, k) for k in fields}
+
+
+def baseline_job(runner: Runner, method: Method, data: DatasetHandle, cfg: ExperimentConfig,
+                 variant: str = "default") -> dict[str, Any]:
+    """Fit a classical baseline on the (subsampled) training split and test it, like every other method."""
+    model = method.make(runner.plan, cfg.train.seed)
+    baseline_cfg = getattr(model, "cfg", None)
+    key = {"data": data.fingerprint, "budget": _budget(cfg, "max_train_windows", "max_eval_windows", "seed"),
+           "baseline_config": baseline_cfg.to_dict() if hasattr(baseline_cfg, "to_dict") else None}
+
+    def compute(job_dir: Path) -> dict[str, Any]:
+        windows = limited(data.windows, cfg)
+        model.fit(windows)
+        return {"metrics": evaluate_baseline(model, windows, "test"),
+                "val": evaluate_baseline(model, windows, "val"),
+                "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")}}
+
+    return runner.job(method.name, data.name, variant, key, compute)
+
+
+def model_job(runner: Runner, method: str, data: DatasetHandle, cfg: ExperimentConfig, variant: str = "default",
+              kind: str | None = None, label: str | None = None) -> dict[str, Any]:
+    """Train (or reuse) a model and report its test metrics (best checkpoint by validation Hit@10); `label`
+    names the dataset column when it is not the data's own name (zero-shot pairs)."""
+    key = {"config": training_dict(cfg), "data": data.fingerprint}
+
+    def compute(job_dir: Path) -> dict[str, Any]:
+        model = runner.trained_model(cfg, data)
+        return {"metrics": model["test"], "val": model["val"], "model_dir": model["dir"],
+                "config_hash": config_hash(cfg), "best_epoch": model["best_epoch"],
+                "parameters": model["parameters"], "windows": model["windows"]}
+
+    return runner.job(method, label or data.name, variant, key, compute, kind=kind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the prompted method: LLM-Mob on the profile's backbone
+
+COMPACT_STAND_IN = "smollm2-shape"
+
+
+def is_compact_backbone(name: str) -> bool:
+    return name.startswith("compact:") or (os.path.isdir(name) and is_compact_dir(name))
+
+
+class LLMMobRunner:
+    """The LLM-Mob-style generative baseline (nextlocmoe.llm_mob) on the profile's backbone, loaded once."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self._mob = None
+
+    @property
+    def backbone(self) -> str:
+        """The generative model: the profile's backbone; for a compact export (12 layers, no generation head or
+        tokenizer) a random model of SmolLM2's shapes, which generates at the same speed but says nothing."""
+        name = self.runner.cfg.model.backbone
+        return COMPACT_STAND_IN if is_compact_backbone(name) else name
+
+    @property
+    def answers_meaningfully(self) -> bool:
+        return self.backbone not in RANDOM_BACKBONES or self.runner.cfg.model.backbone in RANDOM_BACKBONES
+
+    @property
+    def mob(self):
+        if self._mob is None:
+            from ..llm_mob import LLMMob
+
+            device = pick_device()
+            dtype = torch.bfloat16 if device.type == "cuda" else self.runner.cfg.model.torch_dtype
+            # the full generative model (all layers): LLM-Mob prompts the whole LLM
+            self._mob = LLMMob.from_backbone(self.backbone, None, dtype=dtype, device=device,
+                                             seed=self.runner.cfg.model.seed)
+        return self._mob
+
+    def config(self):
+        from ..llm_mob import LLMMobConfig
+
+        plan, cfg = self.runner.plan, self.runner.cfg
+        # a chat template only where the tokenizer has one (the random backbones' byte codec has none)
+        chat = self.backbone not in RANDOM_BACKBONES
+        return LLMMobConfig(max_history=plan.llm_mob_history, max_samples=plan.llm_mob_samples, seed=cfg.train.seed,
+                            use_chat_template=chat, progress=True)
+
+    def job(self, target: DatasetHandle, dataset_label: str, cfg: ExperimentConfig) -> dict[str, Any]:
+        mob_cfg = self.config()
+        key = {"backbone": self.backbone, "llm_mob": mob_cfg.to_dict(), "target": target.fingerprint,
+               "budget": _budget(cfg, "max_eval_windows", "seed")}
+
+        def compute(job_dir: Path) -> dict[str, Any]:
+            mob = self.mob
+            if mob_cfg.use_chat_template and mob.codec.chat is None:
+                mob_cfg.use_chat_template = False
+            windows = limited(target.windows, cfg)
+            return {"metrics": mob.evaluate(windows, "test", mob_cfg), "backbone": self.backbone}
+
+        return self.runner.job("llm_mob", dataset_label, "zero-shot (prompted, no training)", key, compute)
+

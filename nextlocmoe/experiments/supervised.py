@@ -1,0 +1,141 @@
+"""Experiment 3 (paper Sec. 5.2): every registered supervised method x every dataset of the plan.
+
+All methods see the same windows, splits and candidates, and the same seeded subsamples of the train
+section's budget (`runs.limited`), so the column n is equal across a dataset's rows. `supervised_model` is
+the same training for one (dataset, method), for notebook 01; `write_training_summary` writes the table and
+the curves notebook 01 draws.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig
+from ..data.windows import Windows
+from ..errors import ConfigError
+from ..io import provenance
+from ..metrics import metrics_table
+from ..report.tables import markdown_table, write_results
+from .core import Runner, run_config
+from .methods import baseline_job, model_job
+from .registry import get_method, register_experiment
+from .registry import methods as registered_methods
+
+
+@register_experiment("supervised", order=1, notebook="02_supervised.ipynb",
+                     description="Fully supervised next-location prediction: every method x dataset on the same "
+                                 "windows.")
+def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[str]:
+    """Rows of every supervised method (or only `methods`) on every dataset of the plan."""
+    chosen = [get_method(m) for m in methods] if methods else registered_methods(supervised=True)
+    for dataset in runner.plan.datasets:
+        data = runner.dataset(dataset)
+        for method in tqdm(chosen, desc=f"supervised {dataset}", unit="method", disable=None):
+            if method.family == "model":
+                model_job(runner, method.name, data, run_config(runner.cfg, method.name, dataset))
+            elif method.family == "baseline":
+                baseline_job(runner, method, data, runner.job_config(data.config, runner.cfg.model))
+            else:
+                raise ConfigError(f"method '{method.name}' ({method.family}) cannot run in the supervised table")
+    return [
+        "Every method sees the same windows, splits and candidates; training and test sets are the same seeded "
+        "subsamples (runs.limited) for all of them, so the column n is equal across a dataset's rows.",
+        "nextlocmoe is the paper's method (regression head + KD-tree); nextlocmoe_ranking is this project's "
+        "ranking head; nextlocllm is the NextLocLLM-style baseline (same backbone and prompt, regression head, "
+        "no MoE and no router, a LoRA on every FFN).",
+        "Test metrics come from the checkpoint with the best validation Hit@10.",
+    ]
+
+
+def _metric_position(metric: str) -> tuple[int, int, str]:
+    """hit@k, ndcg@k (by k), mrr, distances, n, then anything else by name."""
+    family, _, k = metric.partition("@")
+    families = ("hit", "ndcg", "mrr", "dist_mean_m", "dist_median_m", "n")
+    if family in families:
+        return families.index(family), int(k) if k.isdigit() else 0, metric
+    return len(families), 0, metric
+
+
+@dataclass
+class TrainedModel:
+    """A model the supervised experiment trains (and shares with the others): where it is and how it did."""
+    method: str
+    dataset: str
+    config: ExperimentConfig
+    run_dir: Path                    # train() output: config.yaml, best.pt, history.csv, steps.csv, metrics.json
+    record: dict[str, Any]           # val / test metrics, best epoch, parameters, windows, training wall time
+    windows: Windows                 # the full windows of the dataset (runs.limited gives the model's subsample)
+
+
+def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
+                     runs_dir: str | os.PathLike = "runs/experiments", cache_dir: str | os.PathLike = ".cache/windows",
+                     force: bool = False, overrides: list[str] | tuple[str, ...] = (),
+                     plan: dict[str, Any] | None = None) -> TrainedModel:
+    """Train (or reuse) `method` on `dataset` exactly as the supervised experiment does, at its budget.
+
+    Notebook 01 calls this to train the profile's models and show their curves; the supervised table then
+    reads the same cached model instead of training it again (the cache key is the config and the data).
+    """
+    if get_method(method).family != "model":
+        raise ConfigError(f"method '{method}' is not a trained model; expected one of "
+                          f"{[m.name for m in registered_methods(family='model')]}")
+    runner = Runner("supervised", profile, runs_dir=runs_dir, cache_dir=cache_dir, force=force,
+                    overrides=overrides, plan=plan)
+    if dataset not in runner.plan.datasets:
+        raise ConfigError(f"dataset '{dataset}' is not in the {profile} plan; expected one of "
+                          f"{list(runner.plan.datasets)}")
+    data = runner.dataset(dataset)
+    cfg = run_config(runner.cfg, method, dataset)
+    record = runner.trained_model(cfg, data)
+    return TrainedModel(method, dataset, cfg, runner.runs_dir / record["dir"], record, data.windows)
+
+
+def plan_datasets(profile: str, *, cache_dir: str | os.PathLike = ".cache/windows",
+                  overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Windows]:
+    """The windows of every dataset the profile's plan names, by name (built or read from the cache)."""
+    runner = Runner("supervised", profile, cache_dir=cache_dir, overrides=overrides)
+    return {name: runner.dataset(name).windows for name in runner.plan.datasets}
+
+
+def write_training_summary(models: dict[str, TrainedModel], profile: str,
+                           results_dir: str | os.PathLike = "results") -> dict[str, Path]:
+    """results/training.{csv,md,json}: validation and test metrics, best epoch, parameters and wall time of the
+    models notebook 01 trains; and results/training_curves.{csv,md,json}: their per-epoch validation history and
+    per-batch training loss parts (the figures of notebook 01 are drawn from that file)."""
+    rows = []
+    for method, m in models.items():
+        extra = {"best_epoch": m.record["best_epoch"], "train_wall_s": m.record["train_wall_s"],
+                 "trainable_params": m.record["parameters"]["trainable"], "total_params": m.record["parameters"]["total"]}
+        for split in ("val", "test"):
+            # metrics in the order retrieval_metrics makes them, whether the record was just computed or read
+            # back from the cache (JSON with sorted keys): the table's bytes do not depend on the cache
+            values = dict(sorted(m.record[split].items(), key=lambda kv: _metric_position(kv[0])))
+            rows.append({"method": method, "kind": get_method(method).kind, "dataset": m.dataset, "split": split,
+                         **values, **extra})
+    table = metrics_table(rows, id_columns=("method", "kind", "dataset", "split"))
+    pivot = table.pivot_table(index=["method", "dataset", "split"], columns="metric", values="value", sort=False)
+    shown = [c for c in ("hit@1", "hit@5", "hit@10", "mrr", "dist_median_m", "best_epoch", "train_wall_s")
+             if c in pivot.columns]
+    checksums = {m.dataset: m.windows.meta.get("checksum") for m in models.values()}
+    first = next(iter(models.values()))
+    stamp = dict(profile=profile, seed=first.config.train.seed, data_checksum=checksums,
+                 runs={k: str(m.run_dir) for k, m in models.items()})
+    paths = write_results(results_dir, "training", table, markdown_table(pivot[shown].reset_index().round(4)),
+                          provenance(**stamp, config={k: m.config.to_dict() for k, m in models.items()}))
+    curves = []
+    for method, m in models.items():
+        for source, name in (("history.csv", "epoch"), ("steps.csv", "step")):
+            frame = pd.read_csv(m.run_dir / source)
+            curves.append(frame.assign(method=method, dataset=m.dataset, table=name))
+    curves = pd.concat(curves, ignore_index=True)
+    ids = ["method", "dataset", "table"]
+    curves = curves[ids + [c for c in curves.columns if c not in ids]]
+    summary = curves.groupby(ids, sort=False).size().rename("rows").reset_index()
+    write_results(results_dir, "training_curves", curves, markdown_table(summary), provenance(**stamp))
+    return paths

@@ -1,0 +1,99 @@
+"""Run directories: the budget subsample a run trains on, its checkpoints, and `load_run` that rebuilds it.
+
+A run directory (written by `nextlocmoe.train.train`) holds config.yaml (the resolved configuration),
+best.pt and last.pt (trainable weights only: the frozen backbone is rebuilt from its source), history.csv,
+steps.csv and metrics.json. `load_run(run_dir)` is the one way back from such a directory to
+(config, model, windows): evaluation, zero-shot transfer and the routing analysis all call it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import yaml
+
+from .config import ExperimentConfig
+from .data.prepare import prepare
+from .data.windows import Windows
+from .errors import ConfigError, NextLocMoEError
+from .io import atomic_path
+from .model import NextLocMoE, build_model
+from .runtime import pick_device
+
+
+def limited(windows: Windows, cfg: ExperimentConfig) -> Windows:
+    """The seeded subsamples of the train section's budget (max_train_windows, max_eval_windows); None = all."""
+    t = cfg.train
+    if t.max_train_windows is not None:
+        windows = windows.subsample("train", t.max_train_windows, seed=t.seed)
+    if t.max_eval_windows is not None:
+        for split in ("val", "test"):
+            windows = windows.subsample(split, t.max_eval_windows, seed=t.seed)
+    return windows
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: the frozen backbone is rebuilt from its source, not stored."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise NextLocMoEError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}; "
+                              "was it written by a different config?")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> ExperimentConfig:
+    """The configuration a run directory was trained with (its config.yaml)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise NextLocMoEError(f"{path} does not exist; expected a run directory written by nextlocmoe train "
+                              "(config.yaml, best.pt, steps.csv, metrics.json)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return ExperimentConfig.from_dict(raw)
+
+
+class LoadedRun(NamedTuple):
+    config: ExperimentConfig
+    model: NextLocMoE            # in eval mode, best checkpoint loaded, on `device`
+    windows: Windows             # after `limited`: the same seeded val/test subsamples that training evaluated
+
+
+def load_run(run_dir: str | os.PathLike, windows: Windows | None = None, *, cfg: ExperimentConfig | None = None,
+             cache_dir: str | os.PathLike = ".cache/windows", device: str | torch.device | None = "auto") -> LoadedRun:
+    """Rebuild the model of a run directory with its best checkpoint, exactly as training tested it.
+
+    windows  the dataset's windows; None prepares them from the run's data config (cached in `cache_dir`).
+             Zero-shot region models were trained on filtered data that prepare() cannot rebuild: pass those.
+    cfg      the configuration to rebuild (default: the run's config.yaml)
+    """
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else read_run_config(run_dir)
+    best_path = run_dir / "best.pt"
+    if not best_path.is_file():
+        raise NextLocMoEError(f"{best_path} does not exist; the run in {run_dir} finished no epoch "
+                              "(train first, or resume it with --resume)")
+    if windows is None:
+        windows = prepare(cfg.data, cache_dir=cache_dir)
+    windows = limited(windows, cfg)
+    torch.manual_seed(cfg.train.seed)       # the fixed random parts of the model (as in train)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
+    load_trainable_state(model, torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    return LoadedRun(cfg, model.to(pick_device(device)).eval(), windows)
