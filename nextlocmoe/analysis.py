@@ -44,7 +44,7 @@ from .evaluation import move_batch
 from .io import provenance
 from .metrics import CandidateIndex, ranks_from_scores
 from .model import NextLocMoE
-from .report.tables import markdown_table, write_results
+from .results import markdown_table, write_results
 
 TOKEN_KINDS = ("prompt", "history", "current")
 
@@ -498,7 +498,7 @@ ROUTING_TABLES = ("routing_roles", "routing_functions", "routing_active_experts"
 def write_routing_tables(tables: dict[str, pd.DataFrame], profile: str, results_dir: str | os.PathLike = "results",
                          **stamp: Any) -> dict[str, Path]:
     """Each frame notebook 06 draws, as results/<name>.{csv,md,json}: the figures are then drawn from these
-    files (`report.tables.read_table`), so what a reader sees is what is committed."""
+    files (`results.read_table`), so what a reader sees is what is committed."""
     unknown = sorted(set(tables) - set(ROUTING_TABLES))
     if unknown:
         raise ConfigError(f"routing tables {unknown} are unknown; expected names from {list(ROUTING_TABLES)}")

@@ -4,19 +4,22 @@
 resolve them exactly as the supervised experiment does (`experiments.run_config`), so `nextlocmoe train
 --profile P` trains the model that `nextlocmoe run supervised --profile P` reports (same configuration hash).
 
-Errors a user can fix (missing file, bad column, unknown parameter) print one line naming what is wrong
-and exit with status 2; anything else is a bug and keeps its traceback.
+Errors a user can fix (missing file, bad column, unknown parameter, an output location that cannot be written,
+a full disk) print one line naming what is wrong and exit with status 2; every output location is checked
+before any work starts. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .config import PROFILES, config_hash
 from .errors import NextLocMoEError
+from .io import check_writable, os_error_cause
 from .experiments import DATASET_SOURCES, experiment_names, methods, resolve_config, run_config
 
 
@@ -102,20 +105,50 @@ def _humob_paths(items: list[str]) -> dict[str, str] | None:
     return paths or None
 
 
+CACHE_DIR = ".cache/windows"   # prepared windows (nextlocmoe.data.prepare)
+
+
+def is_main_process() -> bool:
+    """False on every rank but 0 of a torchrun / accelerate launch: only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_outputs(args: argparse.Namespace, out: Path | None = None) -> None:
+    """Every location this command writes must be creatable and writable before any work starts."""
+    checks = [(CACHE_DIR, "window cache")]
+    if args.command in ("prepare", "run"):
+        checks.append((args.results, "results directory (--results)"))
+    if args.command == "run":
+        checks.append((args.runs, "runs directory (--runs)"))
+    if args.command == "train" and out is not None:
+        checks.append((out, "run directory (--out)"))
+    if args.command == "notebooks":
+        from .notebooks import layout_for
+
+        layout = layout_for(args.profile, args.out)
+        checks += [(layout.notebooks, "notebooks directory"), (layout.results, "results directory"),
+                   (layout.figures, "figures directory"), (layout.runs, "runs directory")]
+    for path, what in checks:
+        check_writable(path, what)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "notebooks":
             from .notebooks import run_notebooks
 
+            check_outputs(args)
             records = run_notebooks(args.profile, out=args.out, names=args.only, force=args.force,
                                     device=args.device)
             print(json.dumps(records, indent=2))
             return 0
         cfg = resolve_config(args.profile, args.config, args.overrides)
+        if args.command in ("prepare", "run"):
+            check_outputs(args)
         if args.command == "prepare":
             from .data.prepare import dataset_statistics, prepare
-            from .report.tables import write_dataset_statistics
+            from .results import write_dataset_statistics
 
             windows = prepare(cfg.data, force=args.force)
             write_dataset_statistics(dataset_statistics([windows]), results_dir=args.results, profile=cfg.profile,
@@ -128,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(run_cfg.to_yaml() + f"# config_hash: {config_hash(run_cfg)}\n# run directory: {out}")
                 return 0
+            check_outputs(args, out)
             result = train(run_cfg, out, resume=args.resume)
-            print(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test,
-                              "wall_s": round(result.wall_s, 1), "run_dir": str(out),
-                              "config_hash": config_hash(run_cfg)}, indent=2))
+            if is_main_process():
+                print(json.dumps({"best_epoch": result.best_epoch, "val": result.val, "test": result.test,
+                                  "wall_s": round(result.wall_s, 1), "run_dir": str(out),
+                                  "config_hash": config_hash(run_cfg)}, indent=2))
         elif args.command == "run":
             from .experiments import run_experiment
 
@@ -150,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate_checkpoint(run_cfg, out, split=args.split), indent=2))
     except NextLocMoEError as e:
         print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:      # a write or read the library did not wrap: still one line, path and cause
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"nextlocmoe {args.command}: error: {where}{os_error_cause(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nextlocmoe {args.command}: interrupted (checkpoints are written atomically; use --resume)",

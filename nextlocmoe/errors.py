@@ -11,3 +11,7 @@ class DataError(NextLocMoEError):
 
 class ConfigError(NextLocMoEError):
     """A configuration value is unknown or out of range."""
+
+
+class OutputError(NextLocMoEError):
+    """A file or directory cannot be written: permission, read-only file system, no space left, ..."""

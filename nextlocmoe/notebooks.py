@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NextLocMoEError
-from .io import atomic_path
+from .io import atomic_path, remove_stale_temps
 
 LESSONS_BEFORE = ("00_data_preparation.ipynb", "01_training.ipynb")   # data and training come first
 LESSONS_AFTER = ("06_expert_visualisation.ipynb",)                     # the routing analysis reads their models
@@ -183,6 +183,7 @@ def run_notebooks(profile: str = PUBLISHED_PROFILE, *, out: str | os.PathLike | 
     layout = layout_for(profile, out)
     for d in (layout.notebooks, layout.results, layout.figures):
         d.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(d, older_than_s=3600)    # leftovers of a killed run (a live writer's are fresh)
     params = layout.parameters(profile, force, device)
     records = []
     for name in names:

@@ -10,6 +10,11 @@ on GPU, best checkpoint by validation Hit@10. Two things the reference leaves to
   reaches the same final metrics as an uninterrupted one on CPU.
 
 A non-finite loss stops the run with a clear message; the last good checkpoint is left untouched.
+
+Several processes (`accelerate launch`, or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N` on CPUs) each
+train on their shard of every epoch's batches (data parallel: a global batch of N x train.batch_size); only the
+main process writes the run directory and prints, and validation / test run once, on the main process, whose
+metrics every process receives (`evaluate_once`). README gives the tested commands.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ from typing import Any
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, training_dict
 from .data.prepare import prepare
 from .data.windows import Windows
 from .errors import NextLocMoEError
 from .evaluation import epoch_loader, evaluate
-from .io import atomic_path, provenance, write_json_atomic, write_text_atomic
+from .io import atomic_path, check_writable, provenance, remove_stale_temps, write_json_atomic, write_text_atomic
 from .model import build_model
 from .runs import limited, load_run, load_trainable_state, save_checkpoint, trainable_state
 from .runtime import pick_device, resolve_mixed_precision
@@ -56,6 +62,22 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------
 # training
 
+def _training_part(config: dict[str, Any]) -> dict[str, Any]:
+    """The data, model and train sections of a stored config dict (what decides the run; not plan or name)."""
+    return training_dict(ExperimentConfig.from_dict(config))
+
+
+def evaluate_once(accelerator: Accelerator, model, windows: Windows, split: str, batch_size: int,
+                  desc: str) -> dict[str, float]:
+    """Evaluate on the main process only and hand the metrics to every process (several processes would
+    otherwise each evaluate the whole split); one process: a plain `evaluate`."""
+    metrics = [evaluate(model, windows, split, batch_size, device=accelerator.device, desc=desc)
+               if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(metrics, from_process=0)
+    return metrics[0]
+
+
 def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = False,
           windows: Windows | None = None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
@@ -67,14 +89,17 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
+                              gradient_accumulation_steps=tc.grad_accum)
+    main = accelerator.is_main_process
+    if main:
+        check_writable(out_dir, "run directory")
+        remove_stale_temps(out_dir)          # one writer per run directory: any temp file here is a killed write
     if windows is None:
         windows = prepare(cfg.data)
     windows = limited(windows, cfg)
 
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
-                              gradient_accumulation_steps=tc.grad_accum)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,7 +113,7 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        if ckpt["config"] != cfg.to_dict():
+        if _training_part(ckpt["config"]) != training_dict(cfg):
             raise NextLocMoEError(f"--resume: {last_path} was written by a different config; "
                                   "use a new output directory or the same config")
         load_trainable_state(accelerator.unwrap_model(model), ckpt["model"])
@@ -96,10 +121,12 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         accelerator.print(f"resumed from {last_path.name}: {state['epoch']} epoch(s) done")
-    write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
+    if main:
+        write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
+    bars = None if main else True     # tqdm: auto on the main process, silent on the others
 
     epochs = range(state["epoch"], tc.epochs)
-    for epoch in tqdm(epochs, desc="epochs", initial=state["epoch"], total=tc.epochs, disable=None):
+    for epoch in tqdm(epochs, desc="epochs", initial=state["epoch"], total=tc.epochs, disable=bars):
         if state["bad_epochs"] >= tc.early_stop_patience:
             accelerator.print(f"early stop: no better validation {SELECTION_METRIC} for "
                               f"{state['bad_epochs']} epochs")
@@ -113,7 +140,7 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
         model.train()
         sums: dict[str, float] = {}
         n_batches = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=bars)
         for step, batch in enumerate(bar):
             with accelerator.accumulate(model):
                 out = model(batch)
@@ -143,8 +170,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
             n_batches += 1
             bar.set_postfix(loss=f"{loss.item():.4g}")
 
-        val = evaluate(accelerator.unwrap_model(model), windows, "val", tc.eval_batch_size,
-                       device=accelerator.device, desc=f"val {epoch + 1}")
+        val = evaluate_once(accelerator, accelerator.unwrap_model(model), windows, "val", tc.eval_batch_size,
+                            desc=f"val {epoch + 1}")
         scheduler.step(val[SELECTION_METRIC])
         row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
                **{f"val_{k}": v for k, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
@@ -173,10 +200,11 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
         raise NextLocMoEError(f"no best checkpoint in {out_dir}: train.epochs={tc.epochs} ran no epoch")
 
     # Test the best checkpoint, reloaded from disk: never the last epoch by accident.
+    accelerator.wait_for_everyone()      # best.pt is written by the main process
     best = torch.load(best_path, map_location="cpu", weights_only=False)
     unwrapped = accelerator.unwrap_model(model)
     load_trainable_state(unwrapped, best["model"])
-    test = evaluate(unwrapped, windows, "test", tc.eval_batch_size, device=accelerator.device, desc="test")
+    test = evaluate_once(accelerator, unwrapped, windows, "test", tc.eval_batch_size, desc="test")
     wall = time.perf_counter() - t0
     if accelerator.is_main_process:
         with atomic_path(out_dir / "history.csv") as tmp:

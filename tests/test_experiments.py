@@ -24,7 +24,7 @@ from nextlocmoe.config import config_hash
 from nextlocmoe.experiments import (Method, Runner, ablation_variants, backbone_overhead, get_method, home_regions,
                                     methods, register_method, resolve_config, run_config, run_experiment,
                                     unregister_method)
-from nextlocmoe.report.tables import ID_COLUMNS
+from nextlocmoe.results import ID_COLUMNS
 from nextlocmoe.model import ModelConfig, build_model, load_backbone
 from nextlocmoe.model.nextlocmoe import randomly_initialised
 

@@ -15,7 +15,7 @@ from nextlocmoe.data import prepare as prep
 from nextlocmoe.data import sources
 from nextlocmoe.data.config import CsvColumns, DataConfig, SyntheticConfig
 from nextlocmoe.data.prepare import cache_key, dataset_statistics, load_windows, prepare, raw_checksum
-from nextlocmoe.report.tables import write_dataset_statistics
+from nextlocmoe.results import write_dataset_statistics
 from nextlocmoe.data.windows import make_windows
 from nextlocmoe.errors import DataError
 from nextlocmoe.io import file_sha256
@@ -90,7 +90,7 @@ def test_prepare_caches_and_reloads_identically(humob, tmp_path, load_calls):
     assert_same_windows(first, second)
     prepare(cfg, cache_dir=cache, force=True)
     assert len(load_calls) == 2                       # force rebuilds
-    entries = [p.name for p in cache.iterdir()]
+    entries = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")]   # the entry's lock file stays
     assert len(entries) == 1 and not entries[0].startswith(".")
 
 
@@ -163,7 +163,7 @@ def test_leftover_temporary_entry_is_never_read(humob, tmp_path, load_calls):
     _, _, cfg = humob
     cache = tmp_path / "cache"
     good = prepare(cfg, cache_dir=cache)
-    entry = next(cache.iterdir())
+    entry = next(p for p in cache.iterdir() if p.is_dir())
     # a complete-looking copy under the temporary name, holding wrong numbers, and no real entry
     leftover = cache / f".tmp-{entry.name}-crashed"
     entry.rename(leftover)
@@ -179,7 +179,7 @@ def test_half_written_entry_is_rebuilt(humob, tmp_path, load_calls):
     _, _, cfg = humob
     cache = tmp_path / "cache"
     good = prepare(cfg, cache_dir=cache)
-    entry = next(cache.iterdir())
+    entry = next(p for p in cache.iterdir() if p.is_dir())
     blob = (entry / "arrays.npz").read_bytes()
     (entry / "arrays.npz").write_bytes(blob[: len(blob) // 3])      # truncated
     assert load_windows(entry, good.meta["cache_key"]) is None

@@ -1,4 +1,4 @@
-"""Prepared data: windows cached on disk, and the per-dataset statistics (experiment 1; written by report.tables).
+"""Prepared data: windows cached on disk, and the per-dataset statistics (experiment 1; written by nextlocmoe.results).
 
 `prepare(cfg)` = resolve the config, load the records (`sources.load_records`), build the windows
 (`windows.make_windows`), and keep the result under `.cache/windows/<source>-<key>/`. The key hashes the
@@ -16,14 +16,16 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from ..errors import DataError
-from ..io import file_sha256, stable_hash
+from ..io import file_sha256, output_error, stable_hash
 from .config import DataConfig
 from .windows import SPLITS, NormStats, Windows, make_windows
 
@@ -75,7 +77,10 @@ def cache_key(cfg: DataConfig, checksum: str) -> str:
 # cache entries: <cache_dir>/<source>-<key>/{arrays.npz, meta.json}
 
 def save_windows(windows: Windows, entry: str | os.PathLike) -> Path:
-    """Write `windows` to the folder `entry` atomically (temporary folder, then one rename)."""
+    """Write `windows` to the folder `entry` atomically: built in a private temporary folder, then put in place
+    under a file lock (`.<entry>.lock`), so processes that replace the same entry at once never collide (one
+    wins each turn; every one of them leaves a complete entry and no temporary folder). Readers take no lock:
+    between the two renames of a replacement they see no entry, which is a cache miss, never a half entry."""
     entry = Path(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
@@ -87,13 +92,18 @@ def save_windows(windows: Windows, entry: str | os.PathLike) -> Path:
         meta = {"format_version": WINDOWS_FORMAT_VERSION, "history": windows.history,
                 "current": windows.current, "stats": dataclasses.asdict(windows.stats), "meta": windows.meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-        if entry.exists():  # force=True, or a concurrent run finished first: replace in two renames
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{entry.name}-", dir=entry.parent))
-            os.replace(entry, trash / "entry")
-            os.replace(tmp, entry)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, entry)
+        with FileLock(entry.parent / f".{entry.name}.lock"):
+            if entry.exists():  # force=True, or a concurrent run finished first: replace in two renames
+                trash = Path(tempfile.mkdtemp(prefix=f".old-{entry.name}-", dir=entry.parent))
+                try:
+                    os.replace(entry, trash / "entry")
+                    os.replace(tmp, entry)
+                finally:
+                    shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, entry)
+    except OSError as err:
+        raise output_error(entry, err, "cannot write the window cache entry") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,9 +134,31 @@ def load_windows(entry: str | os.PathLike, key: str | None = None) -> Windows | 
         return None
 
 
+STALE_AFTER_S = 3600   # a temporary folder older than this was left by a killed writer
+
+
+def remove_stale_folders(cache_dir: str | os.PathLike, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary folders (`.tmp-*`, `.old-*`) that killed writers left in the cache."""
+    removed = []
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return removed
+    now = time.time()
+    for p in cache_dir.iterdir():
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
+            try:
+                if now - p.stat().st_mtime >= older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def prepare(cfg: DataConfig, cache_dir: str | os.PathLike = ".cache/windows", force: bool = False) -> Windows:
     """Windows of `cfg`'s dataset, from the cache when an entry for exactly this config and raw file exists."""
     cfg = cfg.resolved()
+    remove_stale_folders(cache_dir)
     checksum = raw_checksum(cfg)
     key = cache_key(cfg, checksum)
     entry = Path(cache_dir) / f"{cfg.source}-{key}"

@@ -38,16 +38,19 @@ from ..config import ExperimentConfig, TrainConfig, config_hash, load_config, tr
 from ..data.config import DataConfig
 from ..data.prepare import prepare
 from ..errors import ConfigError
-from ..io import plain, provenance, stable_hash, write_json_atomic
+from ..io import plain, provenance, remove_stale_temps, stable_hash, write_json_atomic
 from ..metrics import metrics_table
 from ..model.config import ModelConfig
-from ..report.tables import ID_COLUMNS, results_markdown, write_results
+from ..results import ID_COLUMNS, results_markdown, write_results
 from ..train import train
 from .datasets import DATASET_SOURCES, DatasetHandle, dataset_config
 from .registry import ABLATIONS, get_experiment, get_method, methods
 
 JOB_FORMAT_VERSION = 2      # bump when what a job stores changes: every cached result then misses (2: config_hash)
 MODEL_FORMAT_VERSION = 3    # the same for trained models (2: steps.csv; 3: key without profile name and plan)
+
+
+STALE_AFTER_S = 3600        # a temp file of an atomic write older than this in a shared folder is a killed write
 
 
 def slug(*parts: str) -> str:
@@ -146,6 +149,7 @@ class Runner:
         self.cfg = resolve_config(profile, config_path, overrides, plan)
         self.plan = self.cfg.plan
         self.results_dir, self.runs_dir, self.cache_dir = Path(results_dir), Path(runs_dir), Path(cache_dir)
+        remove_stale_temps(self.results_dir, older_than_s=STALE_AFTER_S)   # shared folder: only old leftovers
         self.force = force
         self.computed = self.cached = self.trained = 0
         self.retrained: set[str] = set()

@@ -21,7 +21,7 @@ from ..data.windows import Windows
 from ..errors import ConfigError
 from ..io import provenance
 from ..metrics import metrics_table
-from ..report.tables import markdown_table, write_results
+from ..results import markdown_table, write_results
 from .core import Runner, run_config
 from .methods import baseline_job, model_job
 from .registry import get_method, register_experiment

@@ -18,7 +18,7 @@ here trains, evaluates or reads a model.
     save_figure(fig, path)                   atomic PNG write, closes the figure
 
 Tidy results tables have the columns experiment, method, kind, dataset, variant, metric, value (one row per
-number; `report.tables`). Every method keeps one colour in every figure (its registry entry; NextLocMoE's rows
+number; `nextlocmoe.results`). Every method keeps one colour in every figure (its registry entry; NextLocMoE's rows
 are red with a black edge), and a method's `kind` (paper method, extension, baseline, ablation, comparison,
 reference) is its bar hatch (`KIND_HATCHES`) and is written in the legend.
 
@@ -52,7 +52,7 @@ from ..data.schema import FUNCTIONS, ROLES, UNKNOWN_FUNCTION
 from ..errors import ConfigError
 from ..experiments.registry import METHODS
 from ..io import atomic_path
-from .tables import TIDY_COLUMNS
+from ..results import TIDY_COLUMNS
 
 __all__ = [
     "KIND_HATCHES", "FUNCTION_COLORS", "TOKEN_KIND_COLORS", "TIDY_COLUMNS",

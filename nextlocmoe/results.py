@@ -1,4 +1,7 @@
-"""The one results-file layout, its writer and reader, and the Markdown rendering of tidy tables.
+"""Results files: the one layout, its writer and reader, and the Markdown rendering of tidy tables.
+
+A leaf module (it imports io and pandas only): the layers that make results (experiments, analysis, data
+statistics) write through it, and the report layer (nextlocmoe.report) reads through it.
 
 Every table of results/ is three files written together, atomically (temp file + rename):
 
@@ -25,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
-from ..io import provenance, write_json_atomic, write_text_atomic
+from .errors import DataError
+from .io import provenance, write_json_atomic, write_text_atomic
 
 ID_COLUMNS = ("experiment", "method", "kind", "dataset", "variant")
 TIDY_COLUMNS = (*ID_COLUMNS, "metric", "value")
