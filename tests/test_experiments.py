@@ -1,6 +1,7 @@
-"""Experiment runner on the smoke profile (tiny backbone, tiny synthetic city), and the NextLocLLM-style dense-LoRA
-model: results files and provenance, caching (hit, force, changed config), tidy tables, the zero-shot region split
-against a brute-force recomputation, the ablation head choice, efficiency figures, the CLI."""
+"""Experiment runner on the smoke profile (tiny backbone, tiny synthetic city): the one profile table, results
+files and provenance, caching (hit, force, changed config), tidy tables, the method registry, the zero-shot region
+split against a brute-force recomputation, the ablation head choice, efficiency figures, the CLI.
+(The NextLocLLM-style model's peft LoRA is tested in test_peft_lora.py.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from nextlocmoe.experiments import (Method, Runner, ablation_variants, backbone_
                                     methods, register_method, resolve_config, run_config, run_experiment,
                                     unregister_method)
 from nextlocmoe.results import ID_COLUMNS
-from nextlocmoe.model import ModelConfig, build_model, load_backbone
+from nextlocmoe.model import ModelConfig, load_backbone
 from nextlocmoe.model.nextlocmoe import randomly_initialised
 
 torch.set_num_threads(1)
@@ -37,7 +38,6 @@ SMOKE = load_config("smoke")
 # The tiny backbone reads the task prompt as 453 byte tokens, five times the cost of the trajectory; the runner's
 # logic does not depend on it, so these tests switch it off (the smoke-profile timings in the report keep it on).
 OVERRIDES = ["model.use_prompt=false"]
-STATS = dict(x_mean=0.0, x_std=1000.0, y_mean=0.0, y_std=1000.0)
 
 
 @pytest.fixture(scope="module")
@@ -52,57 +52,7 @@ def supervised_run(dirs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the NextLocLLM-style model: a LoRA on every dense FFN
-
-def dense_model(seed: int = 0, **overrides):
-    kw = dict(backbone="tiny", num_layers=3, pmoe_layers=(), use_prompt=False, seed=seed, tcn_channels=(176, 176),
-              use_personalized_moe=False, use_location_moe=False, use_history_router=False)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(**kw), STATS, np.random.default_rng(0).normal(0, 900, (20, 2)), np.zeros(20))
-
-
-def random_batch(B: int = 3, H: int = 40, C: int = 5) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    out = {}
-    for prefix, T in (("hist", H), ("cur", C)):
-        out[f"{prefix}_xy"] = torch.randn(B, T, 2, generator=g)
-        out[f"{prefix}_weekday"] = torch.randint(0, 7, (B, T), generator=g)
-        out[f"{prefix}_hour"] = torch.randint(0, 24, (B, T), generator=g)
-        out[f"{prefix}_duration"] = torch.rand(B, T, generator=g)
-    out["target_xy"] = torch.randn(B, 2, generator=g) * 500
-    out["target_location"] = torch.randint(0, 20, (B,), generator=g)
-    return out
-
-
-def test_dense_lora_adds_rank_r_adapters_to_every_ffn_and_only_they_are_new_trainables():
-    plain, dense = dense_model(), dense_model(dense_lora=True)
-    cfg = dense.llama.config
-    d, f, layers, r = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, 16
-    expected = layers * 3 * r * (d + f)   # gate and up: r (d + f); down: r (f + d)
-    before, after = plain.parameter_counts(), dense.parameter_counts()
-    assert after["trainable_dense_lora"] == expected
-    assert after["trainable"] - before["trainable"] == expected and after["frozen"] == before["frozen"]
-    assert after["trainable_backbone_norms"] == before["trainable_backbone_norms"]
-    trainable = {n for n, p in dense.named_parameters() if p.requires_grad and ".mlp." in n}
-    assert trainable == {f"llama.layers.{i}.mlp.{proj}.lora_{ab}.default.weight"   # peft's adapter "default"
-                         for i in range(layers) for proj in ("gate_proj", "up_proj", "down_proj") for ab in "AB"}
-
-
-def test_dense_lora_equals_the_plain_ffn_while_b_is_zero_and_trains():
-    plain, dense = dense_model().eval(), dense_model(dense_lora=True).eval()
-    batch = random_batch()
-    assert torch.allclose(plain(batch).pred_xy, dense(batch).pred_xy, atol=1e-5)
-    dense.train()
-    loss, _ = dense.loss(dense(batch), batch)
-    loss.backward()
-    mlp = dense.llama.layers[0].mlp
-    assert mlp.gate_proj.lora_B["default"].weight.grad.abs().sum() > 0   # B gets a gradient at once (A is random)
-    assert mlp.gate_proj.base_layer.weight.grad is None                  # the pretrained FFN stays frozen
-    with torch.no_grad():                                                # a non-zero B changes the function
-        mlp.down_proj.lora_B["default"].weight.normal_()
-    assert not torch.allclose(plain.eval()(batch).pred_xy, dense.eval()(batch).pred_xy, atol=1e-3)
-
+# model configurations the experiments build
 
 def test_dense_lora_needs_the_personalized_moe_off_and_backbone_init_is_checked():
     with pytest.raises(ConfigError, match="dense_lora"):

@@ -122,6 +122,7 @@ def random_batch(B: int = 3, H: int = 40, C: int = 5) -> dict[str, torch.Tensor]
         out[f"{prefix}_hour"] = torch.randint(0, 24, (B, T), generator=g)
         out[f"{prefix}_duration"] = torch.rand(B, T, generator=g)
     out["target_xy"] = torch.randn(B, 2, generator=g) * 500
+    out["target_location"] = torch.randint(0, 20, (B,), generator=g)
     return out
 
 
@@ -182,3 +183,32 @@ def test_a_second_dense_lora_is_a_clear_error():
     model = dense_model()
     with pytest.raises(ConfigError, match="already holds a LoRA"):
         add_dense_lora(model.llama, 16, 16.0, 0.0)
+
+
+def test_dense_lora_adds_rank_r_adapters_to_every_ffn_and_only_they_are_new_trainables():
+    plain, dense = dense_model(dense_lora=False), dense_model()
+    cfg = dense.llama.config
+    d, f, layers, r = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, 16
+    expected = layers * 3 * r * (d + f)   # gate and up: r (d + f); down: r (f + d)
+    before, after = plain.parameter_counts(), dense.parameter_counts()
+    assert after["trainable_dense_lora"] == expected
+    assert after["trainable"] - before["trainable"] == expected and after["frozen"] == before["frozen"]
+    assert after["trainable_backbone_norms"] == before["trainable_backbone_norms"]
+    trainable = {n for n, p in dense.named_parameters() if p.requires_grad and ".mlp." in n}
+    assert trainable == {f"llama.layers.{i}.mlp.{proj}.lora_{ab}.default.weight"   # peft's adapter "default"
+                         for i in range(layers) for proj in ("gate_proj", "up_proj", "down_proj") for ab in "AB"}
+
+
+def test_dense_lora_equals_the_plain_ffn_while_b_is_zero_and_trains():
+    plain, dense = dense_model(dense_lora=False).eval(), dense_model().eval()
+    batch = random_batch()
+    assert torch.allclose(plain(batch).pred_xy, dense(batch).pred_xy, atol=1e-5)
+    dense.train()
+    loss, _ = dense.loss(dense(batch), batch)
+    loss.backward()
+    mlp = dense.llama.layers[0].mlp
+    assert mlp.gate_proj.lora_B["default"].weight.grad.abs().sum() > 0   # B gets a gradient at once (A is random)
+    assert mlp.gate_proj.base_layer.weight.grad is None                  # the pretrained FFN stays frozen
+    with torch.no_grad():                                                # a non-zero B changes the function
+        mlp.down_proj.lora_B["default"].weight.normal_()
+    assert not torch.allclose(plain.eval()(batch).pred_xy, dense.eval()(batch).pred_xy, atol=1e-3)
