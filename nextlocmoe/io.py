@@ -197,14 +197,28 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else platform's answer, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name() -> str:
+    """What ran a measurement: the GPU's name, or the CPU's model, core count and the vector instructions torch
+    uses (AVX2, AVX512, ...): speed figures from two machines of one kind can differ by 2x."""
     try:
         import torch
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):  # pragma: no cover - torch is a hard dependency
+        capability = "?"
+    return f"cpu ({_cpu_model()}, {os.cpu_count()} cores, {capability})"
 
 
 def provenance(profile: str, seed: int | None = None, data_checksum: str | dict | None = None,

@@ -257,3 +257,14 @@ def test_git_sha_comes_from_the_environment_where_there_is_no_checkout(tmp_path,
     assert git_sha(tmp_path) == "unknown"                     # a copy of the tree without .git
     monkeypatch.setenv("NEXTLOCMOE_GIT_SHA", "abc123-dirty")  # set by .ci/gpu/run.sh on the lent GPU machine
     assert git_sha(tmp_path) == "abc123-dirty"
+
+
+def test_device_name_says_which_cpu_and_vector_instructions_ran_a_measurement(monkeypatch):
+    import torch
+
+    from nextlocmoe.io import device_name
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    name = device_name()
+    assert name.startswith("cpu (") and "cores" in name
+    assert torch.backends.cpu.get_cpu_capability() in name
