@@ -168,8 +168,13 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+OUTPUT_DIRS = ("results", "figures", "notebooks")   # tracked outputs that runs rewrite in place
+
+
 def git_sha(root: str | os.PathLike | None = None) -> str:
-    """Current commit (with '-dirty' when the tree has changes), or 'unknown' outside a checkout.
+    """Current commit (with '-dirty' when tracked code or configuration differs from it; rewritten outputs in
+    OUTPUT_DIRS do not count, so an in-place `make reproduce` stamps its results clean), or 'unknown' outside a
+    checkout.
 
     A copy of the tree without .git (the lent GPU machine) takes it from NEXTLOCMOE_GIT_SHA, which
     .ci/gpu/run.sh sets from the commit recorded by .ci/gpu/bundle.sh.
@@ -180,7 +185,9 @@ def git_sha(root: str | os.PathLike | None = None) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # the outputs a run rewrites (results/, figures/, executed notebooks/) do not make the CODE dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){d}" for d in OUTPUT_DIRS)], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -268,3 +268,24 @@ def test_device_name_says_which_cpu_and_vector_instructions_ran_a_measurement(mo
     name = device_name()
     assert name.startswith("cpu (") and "cores" in name
     assert torch.backends.cpu.get_cpu_capability() in name
+
+
+def test_git_sha_is_dirty_for_changed_code_but_not_for_rewritten_outputs(tmp_path, monkeypatch):
+    import subprocess
+
+    from nextlocmoe.io import git_sha
+
+    monkeypatch.delenv("NEXTLOCMOE_GIT_SHA", raising=False)
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "table.csv").write_text("a\n")
+    run("add", ".")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_sha(tmp_path)
+    assert not clean.endswith("-dirty") and len(clean) == 40
+    (tmp_path / "results" / "table.csv").write_text("b\n")       # a run rewrote a committed table
+    assert git_sha(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")                  # the code changed
+    assert git_sha(tmp_path) == clean + "-dirty"
