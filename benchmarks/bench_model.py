@@ -1,16 +1,25 @@
-"""Training and inference samples/s of the whole NextLocMoE model, both heads, on one profile's data.
+"""Training and inference samples/s of the whole NextLocMoE model, both heads, old and new settings side by side.
 
-    python benchmarks/bench_model.py                       # cpu profile: NYC + SmolLM2 (12 layers), batch 32
+    python benchmarks/bench_model.py --threads 2           # cpu profile: NYC + SmolLM2 (12 layers), batch 32
     python benchmarks/bench_model.py --profile smoke --steps 5
 
-Training = forward + loss + backward + Adam step on a fixed batch; inference = forward under no_grad.
-Each figure is the median of `--steps` timed repeats after `--warmup` untimed ones, all in one process.
-Writes results/bench_model.csv and results/bench_model.json (provenance).
+Settings measured in ONE process, one after the other on the same batch (medians of `--steps` timed repeats
+after `--warmup` untimed ones), so their ratios are comparable even on a noisy machine:
+
+    paper           the prompt's P-MoE gates read h (the prompt is shared only up to the first P-MoE layer)
+    shared_prompt   model.prompt_reads_history=false: one prompt pass per batch through all layers
+    shared_bf16     the same under CPU bf16 autocast (heads stay float32), only where the CPU has native bf16
+                    matmuls (torch.backends.cpu.get_cpu_capability() reports AVX512_BF16 or AMX)
+
+Training = forward + loss + backward + Adam step on a fixed batch; inference = forward under no_grad. The
+machine's ceiling comes first: fp32 and bf16 matmul GFLOP/s at the backbone's shapes. Writes
+results/bench_model.csv and results/bench_model.json (provenance).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -20,11 +29,31 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nextlocmoe.baselines import Popularity  # noqa: E402
 from nextlocmoe.config import load_config  # noqa: E402
 from nextlocmoe.data.prepare import prepare  # noqa: E402
 from nextlocmoe.io import atomic_path, provenance, write_json_atomic  # noqa: E402
 from nextlocmoe.model import build_model  # noqa: E402
 from nextlocmoe.runtime import median_seconds  # noqa: E402
+
+SETTINGS = {   # name -> (--set overrides, bf16 autocast)
+    "paper": ([], False),
+    "shared_prompt": (["model.prompt_reads_history=false"], False),
+    "shared_bf16": (["model.prompt_reads_history=false"], True),
+}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (else bf16 matmuls are emulated and slower than fp32)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return any(tag in capability for tag in ("AVX512_BF16", "AMX"))
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 32 * 146, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
+    """GFLOP/s of one (m, k) x (k, n) product, the shape of an FFN projection over a batch of sequences."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, repeats, warmup=2)
+    return 2 * m * k * n / seconds / 1e9
 
 
 def main(argv=None) -> None:
@@ -34,56 +63,77 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--out", default=str(ROOT / "results"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    capability = torch.backends.cpu.get_cpu_capability()
+    ceiling = {"fp32_matmul_gflops": matmul_gflops(torch.float32), "bf16_matmul_gflops": matmul_gflops(torch.bfloat16)}
+    print(f"CPU capability {capability}: matmul fp32 {ceiling['fp32_matmul_gflops']:.0f} GFLOP/s, "
+          f"bf16 {ceiling['bf16_matmul_gflops']:.0f} GFLOP/s", flush=True)
+    settings = [s for s in args.settings if not (SETTINGS[s][1] and not native_bf16())]
+    skipped = sorted(set(args.settings) - set(settings))
+    if skipped:
+        print(f"skipped {skipped}: no native bf16 matmul on this CPU ({capability})", flush=True)
+
     cfg = load_config(args.profile)
     windows = prepare(cfg.data)
     batch = {k: torch.as_tensor(v) for k, v in windows.batch("train", list(range(args.batch))).items()}
+    counts = Popularity("targets").fit(windows).counts
     rows = []
     for head in ("regression", "ranking"):
-        cfg_h = load_config(args.profile, overrides=[f"model.head={head}"])
-        torch.manual_seed(0)
-        model = build_model(cfg_h.model, windows.stats, windows.candidates, windows.candidate_function)
-        opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+        for setting in settings:
+            overrides, bf16 = SETTINGS[setting]
+            cfg_h = load_config(args.profile, overrides=[f"model.head={head}", *overrides])
+            torch.manual_seed(0)
+            model = build_model(cfg_h.model, windows.stats, windows.candidates, windows.candidate_function,
+                                windows.history + windows.current)
+            model.set_popularity_prior(counts)
+            opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+            autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-        def train_step():
-            out = model(batch)
-            loss, _ = model.loss(out, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def train_step():
+                with autocast():
+                    out = model(batch)
+                    loss, _ = model.loss(out, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        def infer_step():
-            with torch.no_grad():
-                model(batch)
+            def infer_step():
+                with torch.no_grad(), autocast():
+                    model(batch)
 
-        model.train()
-        t_train = median_seconds(train_step, args.steps, args.warmup)
-        model.eval()
-        t_infer = median_seconds(infer_step, args.steps, args.warmup)
-        counts = model.parameter_counts()
-        prompt = model.prompt_embeddings
-        tokens = batch["hist_xy"].shape[1] + batch["cur_xy"].shape[1] + (0 if prompt is None else len(prompt))
-        rows.append(dict(profile=args.profile, head=head, backbone=cfg_h.model.backbone,
-                         layers=cfg_h.model.num_layers, batch=args.batch, sequence_tokens=tokens,
-                         train_samples_per_s=args.batch / t_train, infer_samples_per_s=args.batch / t_infer,
-                         train_step_s=t_train, infer_step_s=t_infer, threads=torch.get_num_threads(),
-                         total_params=counts["total"], trainable_params=counts["trainable"]))
-        print(f"{head:10s} train {rows[-1]['train_samples_per_s']:7.1f} samples/s  "
-              f"infer {rows[-1]['infer_samples_per_s']:7.1f} samples/s  ({tokens} tokens)", flush=True)
+            model.train()
+            t_train = median_seconds(train_step, args.steps, args.warmup)
+            model.eval()
+            t_infer = median_seconds(infer_step, args.steps, args.warmup)
+            params = model.parameter_counts()
+            tokens = batch["hist_xy"].shape[1] + batch["cur_xy"].shape[1] + model.prompt_length
+            rows.append(dict(profile=args.profile, head=head, setting=setting, backbone=cfg_h.model.backbone,
+                             layers=cfg_h.model.num_layers, batch=args.batch, sequence_tokens=tokens,
+                             train_samples_per_s=args.batch / t_train, infer_samples_per_s=args.batch / t_infer,
+                             train_step_s=t_train, infer_step_s=t_infer, threads=torch.get_num_threads(),
+                             total_params=params["total"], trainable_params=params["trainable"],
+                             cpu_capability=capability, **ceiling))
+            print(f"{head:10s} {setting:14s} train {rows[-1]['train_samples_per_s']:6.1f} samples/s  "
+                  f"infer {rows[-1]['infer_samples_per_s']:6.1f} samples/s", flush=True)
 
     df = pd.DataFrame(rows)
+    for metric in ("train_samples_per_s", "infer_samples_per_s"):   # speed-up over the paper setting, same head
+        paper = df[df["setting"] == "paper"].set_index("head")[metric]
+        df[metric.replace("_samples_per_s", "_speedup")] = df[metric] / df["head"].map(paper)
     out = Path(args.out)
     with atomic_path(out / "bench_model.csv") as tmp:
         df.to_csv(tmp, index=False)
     write_json_atomic(out / "bench_model.json", provenance(
         args.profile, seed=0, data_checksum=windows.meta.get("checksum"),
         command="python benchmarks/bench_model.py " + " ".join(argv or sys.argv[1:]),
-        method=f"median of {args.steps} steps after {args.warmup} warm-up steps, one process"))
-    print(df.to_string(index=False))
+        method=f"median of {args.steps} steps after {args.warmup} warm-up steps, all settings in one process"))
+    print(df[["head", "setting", "train_samples_per_s", "infer_samples_per_s", "train_speedup",
+              "infer_speedup"]].to_string(index=False))
 
 
 if __name__ == "__main__":

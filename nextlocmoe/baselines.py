@@ -7,11 +7,14 @@ exactly the columns the NextLocMoE table has (Hit@1/5/10/20, NDCG@k, MRR, distan
 candidate).
 
     Popularity              how often each location is a training target (or a training record)
+    LastLocation            the place of the window's last (current) record again
     UserMostFrequent        the most visited location of the window's own H + C input records
     UserHistoryFrequency    the most visited location of the user's training records
     Markov                  first-order transitions location -> next location, from the last current record
     LSTMClassifier          id + time embeddings -> LSTM over the H + C records -> softmax over L
     TransformerClassifier   same inputs -> multi-head self-attention encoder (MHSA-style) -> softmax over L
+    TransformerPointer      the same encoder with the copy mixture of NextLocMoE's ranking head (model/pointer.py):
+                            softmax over L mixed with attention over the window's own places (DeepMove / RepeatNet-like)
 
 Common interface: `fit(windows, cfg=None) -> self` learns from the training split only, and
 `score(batch) -> np.ndarray (B, L)` scores one batch as `Windows.batch` (or `WindowDataset`) makes it.
@@ -44,6 +47,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .model.pointer import CopyMixture
 from .utils import as_numpy, default, exists
 
 SEQUENCE_KEYS = ("hist_location", "cur_location", "hist_weekday", "cur_weekday", "hist_hour", "cur_hour")
@@ -154,7 +158,37 @@ class Popularity(Baseline):
         return np.broadcast_to(self.counts, (n, self.n_locations)).copy()   # (B, L)
 
 
-class UserMostFrequent(Baseline):
+class WithPopularity(Baseline):
+    """A baseline that ranks the places its own rule leaves equal by training popularity."""
+
+    def __init__(self, popularity_count: str = "targets"):
+        self.popularity = Popularity(popularity_count)
+
+    def fit(self, windows: Any, cfg: Any = None) -> "WithPopularity":
+        self._start_fit(windows)
+        self.popularity.fit(windows)
+        return self
+
+
+class LastLocation(WithPopularity):
+    """The place of the last current record, i.e. "stay where you are"; the rest by training popularity.
+
+        last place:  score = max_popularity + 1
+        other:       score = popularity
+    """
+
+    name = "last_location"
+
+    def score(self, batch: dict[str, Any]) -> np.ndarray:
+        self._check_fitted()
+        last = _get(batch, "cur_location")[:, -1].astype(np.int64)                # (B,)
+        self._check_ids(last, "cur_location")
+        scores = np.broadcast_to(self.popularity.counts, (len(last), self.n_locations)).copy()  # (B, L)
+        scores[np.arange(len(last)), last] = self.popularity.counts.max() + 1.0
+        return scores
+
+
+class UserMostFrequent(WithPopularity):
     """The most frequent location among the window's H + C input records (the trivial personal baseline).
 
     Preference, as one exact number per candidate: first the number of visits in the window, then the most
@@ -166,14 +200,6 @@ class UserMostFrequent(Baseline):
     """
 
     name = "user_most_frequent"
-
-    def __init__(self, popularity_count: str = "targets"):
-        self.popularity = Popularity(popularity_count)
-
-    def fit(self, windows: Any, cfg: Any = None) -> "UserMostFrequent":
-        self._start_fit(windows)
-        self.popularity.fit(windows)
-        return self
 
     def score(self, batch: dict[str, Any]) -> np.ndarray:
         self._check_fitted()
@@ -367,6 +393,10 @@ class TransformerNet(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_dim, n_locations)
 
     def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(self.encode(location, weekday, hour)[:, -1]))   # (B, L)
+
+    def encode(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) encoder states before the final norm."""
         T = location.shape[1]
         if T > self.position.num_embeddings:
             raise DataError(f"window of {T} records is longer than the {self.position.num_embeddings} "
@@ -374,8 +404,30 @@ class TransformerNet(nn.Module):
         positions = torch.arange(T, device=location.device)
         tokens = self.project(self.embed(location, weekday, hour)) + self.position(positions)  # (B, T, D)
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=location.device) if self.causal else None
-        states = self.encoder(tokens, mask=mask, is_causal=self.causal)       # (B, T, D)
-        return self.classifier(self.norm(states[:, -1]))                       # (B, L)
+        return self.encoder(tokens, mask=mask, is_causal=self.causal)         # (B, T, D)
+
+
+class TransformerPointerNet(TransformerNet):
+    """TransformerNet whose output is the copy mixture of NextLocMoE's ranking head (model/pointer.py):
+    log p = log(g * p_copy + (1 - g) * softmax(logits)), the copy attention reading the encoder's states of
+    the window's records. Starts like the window's most frequent place once `start_at_popularity` is called."""
+
+    def __init__(self, n_locations: int, n_positions: int, cfg: NeuralBaselineConfig):
+        super().__init__(n_locations, n_positions, cfg)
+        self.pointer = CopyMixture(cfg.hidden_dim, cfg.hidden_dim, n_positions, dim=cfg.hidden_dim // 2)
+
+    @torch.no_grad()
+    def start_at_popularity(self, counts: np.ndarray) -> None:
+        """Generator = the popularity prior alone (zero weights, log-frequency biases), as in the ranking head."""
+        counts = torch.as_tensor(np.asarray(counts, dtype=np.float64), dtype=torch.float32)
+        prior = torch.log((counts + 1) / (counts.sum() + len(counts)))
+        self.classifier.weight.zero_()
+        self.classifier.bias.copy_((prior - prior.mean()).to(self.classifier.bias.device))
+
+    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
+        states = self.norm(self.encode(location, weekday, hour))                 # (B, T, D)
+        logits = self.classifier(states[:, -1])                                 # (B, L)
+        return self.pointer(states[:, -1], states, location, logits)           # (B, L) log p
 
 
 class NeuralBaseline(Baseline):
@@ -433,7 +485,10 @@ class NeuralBaseline(Baseline):
         fork_devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):    # seed locally, leave the caller's RNG alone
             torch.manual_seed(cfg.seed)
-            self.net = type(self).network(self.n_locations, n_positions, cfg).to(self.device)
+            self.net = type(self).network(self.n_locations, n_positions, cfg)
+            if hasattr(self.net, "start_at_popularity"):      # the pointer variant starts at the baseline floor
+                self.net.start_at_popularity(Popularity("targets").fit(windows).counts)
+            self.net = self.net.to(self.device)
             optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             steps_per_epoch = -(-n_train // cfg.batch_size)
             self.net.train()
@@ -448,7 +503,7 @@ class NeuralBaseline(Baseline):
                     self._check_ids(batch["target_location"], "target_location")
                     target = torch.as_tensor(batch["target_location"].astype(np.int64), device=self.device)
                     logits = self.net(*self._inputs(batch))                    # (B, L)
-                    loss = F.cross_entropy(logits, target)
+                    loss = F.cross_entropy(logits, target)    # log p of the pointer variant: log_softmax keeps it
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:
@@ -488,19 +543,28 @@ class TransformerClassifier(NeuralBaseline):
     needs_heads = True
 
 
+class TransformerPointer(TransformerClassifier):
+    """The transformer classifier with the copy mixture over the window's places (this project's extension)."""
+
+    name = "transformer_pointer"
+    network = TransformerPointerNet
+
+
 # ---------------------------------------------------------------------------------------------------
 # registry and evaluation
 
 BASELINES: dict[str, type[Baseline]] = {
     "popularity": Popularity,
+    "last_location": LastLocation,
     "user_most_frequent": UserMostFrequent,
     "user_history_frequency": UserHistoryFrequency,
     "markov": Markov,
     "lstm": LSTMClassifier,
     "transformer": TransformerClassifier,
+    "transformer_pointer": TransformerPointer,
 }
 
-NEURAL_BASELINES = ("lstm", "transformer")
+NEURAL_BASELINES = ("lstm", "transformer", "transformer_pointer")
 
 
 def make_baseline(name: str, cfg: NeuralBaselineConfig | None = None, **kwargs: Any) -> Baseline:

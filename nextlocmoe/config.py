@@ -56,8 +56,8 @@ class TrainConfig:
     seed: int = 0                    # reference seed
 
 
-ALL_ABLATIONS = ("no_location_moe", "no_personalized_moe", "no_history_router", "routing", "experts", "depth",
-                 "backbone_init", "head", "prompt")
+ALL_ABLATIONS = ("no_location_moe", "no_personalized_moe", "no_history_router", "routing", "renormalize", "experts",
+                 "depth", "backbone_init", "head", "pointer", "prompt", "prompt_history")
 
 
 @dataclass

@@ -17,11 +17,16 @@ rank 1..k, in that order. From the rank of each sample:
     hit@k   = mean [rank <= k]
     ndcg@k  = mean [rank <= k] / log2(rank + 1)     (one relevant item, so the ideal DCG is 1)
     mrr     = mean 1 / rank                         (full rank over all candidates, no cut-off)
+
+Every Hit@k and the MRR also carry a 95% confidence interval over the n test windows: the Wilson score
+interval for Hit@k (one binary outcome per window; `wilson_interval`) and a percentile bootstrap with a fixed
+seed for MRR (a mean of values in (0, 1] with no closed form; `bootstrap_interval`). They are the metrics
+"hit@{k}_lo" / "hit@{k}_hi" and "mrr_lo" / "mrr_hi" of `retrieval_metrics`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +38,9 @@ from .errors import ConfigError, DataError
 
 DEFAULT_KS = (1, 5, 10, 20)          # paper Tables 2-4 report Hit@1/5/10/20
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22  # entries of one (rows x candidates) block: 4M float64 = 32 MiB
+INTERVAL_Z = 1.96                     # two-sided 95% normal quantile (Wilson intervals of Hit@k)
+BOOTSTRAP_RESAMPLES = 1000            # resamples of the MRR bootstrap
+BOOTSTRAP_SEED = 0                    # fixed, so the same ranks always give the same interval
 
 # Safety band of the KD-tree counting fast path in `CandidateIndex.rank_of` (see there). Both are far
 # wider than float64 rounding (~1e-16 relative), so a candidate the tree might misjudge always falls into
@@ -321,12 +329,79 @@ def mean_reciprocal_rank(ranks: np.ndarray) -> float:
     return float(np.mean(1.0 / ranks.astype(np.float64)))
 
 
+def wilson_interval(successes: Any, n: Any, z: float = INTERVAL_Z) -> tuple[Any, Any]:
+    """Wilson score interval (lo, hi) of a binomial proportion successes / n; floats, or arrays for arrays.
+
+    Why Wilson: Hit@k is one binary outcome per test window, so its count is binomial. The Wilson interval
+    inverts the score test (all p0 with |p_hat - p0| <= z * sqrt(p0 (1 - p0) / n)), which keeps close to
+    nominal coverage for small n and for proportions near 0 or 1 (Hit@1 of a weak model is often 0), where
+    the Wald interval p_hat +- z * sqrt(p_hat (1 - p_hat) / n) collapses to a point. Closed form:
+
+        centre = (p_hat + z^2 / 2n) / (1 + z^2 / n)
+        half   = z / (1 + z^2 / n) * sqrt(p_hat (1 - p_hat) / n + z^2 / 4n^2)
+
+    e.g. 8 of 10 at z = 1.96 gives [0.490, 0.943]; 0 of n gives lo = 0 exactly and hi = z^2 / (n + z^2).
+    """
+    successes = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    if np.any(n < 1) or np.any(successes < 0) or np.any(successes > n):
+        raise DataError(f"wilson_interval needs n >= 1 and 0 <= successes <= n, got successes={successes}, n={n}")
+    if not z > 0:
+        raise ConfigError(f"z must be a positive normal quantile (1.96 for 95%), got {z!r}")
+    p = successes / n
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    centre = (p + z2 / (2.0 * n)) / denominator
+    half = z / denominator * np.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    # the bounds are exactly 0 (1) when no (every) window is a hit; clip float rounding elsewhere
+    lo = np.where(successes == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    hi = np.where(successes == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def bootstrap_interval(values: Any, statistic: Callable[..., Any] = np.mean, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED, level: float = 0.95,
+                       max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> tuple[float, float]:
+    """Percentile bootstrap interval (lo, hi) of `statistic` over the samples `values` (N,).
+
+    Why a bootstrap: MRR is a mean of 1/rank in (0, 1], a skewed variable with no closed-form interval; the
+    percentile bootstrap resamples the N test windows with replacement, recomputes the statistic and takes
+    the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled statistics. The generator is
+    `np.random.default_rng(seed)`, so the same values always give the same interval. The resamples are
+    drawn in blocks of at most `max_chunk_elements` indices ((resamples_per_block, N) int64), so memory stays
+    bounded for N = 30,000 and more. `statistic(samples, axis=1)` must reduce each row of a (B, N) block.
+    """
+    values = _to_numpy(values).astype(np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise DataError(f"bootstrap_interval needs a non-empty 1-D array of values, got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise DataError("bootstrap_interval: values hold NaN or infinite entries")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
+        raise ConfigError(f"resamples must be a positive integer, got {resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level must lie in (0, 1) (0.95 for a 95% interval), got {level!r}")
+    n = len(values)
+    rng = np.random.default_rng(seed)
+    per_block = max(1, _check_chunk(max_chunk_elements) // n)
+    stats = np.empty(int(resamples), dtype=np.float64)         # (B,)
+    for start in range(0, int(resamples), per_block):
+        stop = min(start + per_block, int(resamples))
+        idx = rng.integers(0, n, size=(stop - start, n))       # (b, N) windows drawn with replacement
+        stats[start:stop] = statistic(values[idx], axis=1)
+    lo, hi = np.quantile(stats, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo), float(hi)
+
+
 def retrieval_metrics(ranks: Any, ks: Sequence[int] = DEFAULT_KS,
                       distance_error_m: Any = None) -> dict[str, float]:
-    """Hit@k, NDCG@k, MRR (fractions in [0, 1]), optional distance error in metres, and n.
+    """Hit@k, NDCG@k, MRR (fractions in [0, 1]), optional distance error in metres, 95% intervals, and n.
 
-    Keys: "hit@{k}" for every k, "ndcg@{k}" for every k > 1 (NDCG@1 equals Hit@1), "mrr", and, when
-    `distance_error_m` (N,) is given, "dist_mean_m" and "dist_median_m"; "n" is the number of samples.
+    Keys, in this order: "hit@{k}" for every k, "ndcg@{k}" for every k > 1 (NDCG@1 equals Hit@1), "mrr",
+    and, when `distance_error_m` (N,) is given, "dist_mean_m" and "dist_median_m"; then the 95% intervals
+    over the N test windows, "hit@{k}_lo" / "hit@{k}_hi" for every k (Wilson score interval) and "mrr_lo" /
+    "mrr_hi" (percentile bootstrap, 1,000 resamples, seed 0); last "n", the number of samples.
     """
     ks = _check_ks(ks)
     ranks = _to_numpy(ranks)
@@ -351,6 +426,10 @@ def retrieval_metrics(ranks: Any, ks: Sequence[int] = DEFAULT_KS,
             raise DataError("distance_error_m must hold finite, non-negative metres")
         metrics["dist_mean_m"] = float(errors.mean())
         metrics["dist_median_m"] = float(np.median(errors))
+    for k in ks:
+        lo, hi = wilson_interval(int(np.count_nonzero(ranks <= k)), len(ranks))
+        metrics[f"hit@{k}_lo"], metrics[f"hit@{k}_hi"] = lo, hi
+    metrics["mrr_lo"], metrics["mrr_hi"] = bootstrap_interval(1.0 / ranks.astype(np.float64))
     metrics["n"] = int(len(ranks))
     return metrics
 

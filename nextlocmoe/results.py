@@ -129,10 +129,33 @@ def format_value(metric: str, value: float) -> str:
     return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
+INTERVAL_SUFFIXES = ("_lo", "_hi")  # metric + suffix: the bounds of its 95% interval (metrics.retrieval_metrics)
+INTERVAL_NOTE = ("Intervals: [lo, hi] after a Hit@k or MRR is its 95% confidence interval over the row's n test "
+                 "windows: the Wilson score interval for Hit@k (one hit or miss per window), a percentile "
+                 "bootstrap over the test windows for MRR (1,000 resamples, fixed seed 0).")
+
+
+def is_interval_metric(metric: str) -> bool:
+    """True for the bound of an interval ("hit@10_lo", "mrr_hi"), which is no metric of its own."""
+    return str(metric).endswith(INTERVAL_SUFFIXES)
+
+
+def format_interval(metric: str, value: float, lo: float, hi: float) -> str:
+    """A point metric with its 95% interval in one cell, 3 decimals: "0.440 [0.373, 0.509]"; the plain value
+    (`format_value`) when a bound is missing (tables written before intervals existed)."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (value, lo, hi)):
+        return format_value(metric, value)
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def results_markdown(table: pd.DataFrame, name: str, profile: str, notes: list[str], description: str,
                      layout: str = "methods") -> str:
     """A pivot of a tidy experiment table. layout "methods": one row per method x dataset x variant, one column
-    per metric; "metrics": one row per metric, one column per method (many metrics, few methods)."""
+    per metric; "metrics": one row per metric, one column per method (many metrics, few methods).
+
+    In the "methods" layout a metric with interval bounds ("<metric>_lo", "<metric>_hi") shows them in its
+    own cell, "0.440 [0.373, 0.509]" (`format_interval`), and a note says which intervals they are; the bounds
+    get no column of their own. The tidy CSV keeps them as metrics of their own."""
     index = ["method", "kind", "dataset", "variant"]
     order = list(dict.fromkeys(table["metric"]))           # metrics in the order the rows produced them
     keys = list(dict.fromkeys(map(tuple, table[index].itertuples(index=False))))
@@ -149,8 +172,17 @@ def results_markdown(table: pd.DataFrame, name: str, profile: str, notes: list[s
                                       for label, key in zip(labels, keys)}} for metric in order]
     else:
         columns = {m: label for m, label in ACCURACY_COLUMNS.items() if m in order}
-        rows = [{**dict(zip(index, key)), **{label: format_value(metric, value(key, metric))
-                                             for metric, label in columns.items()}} for key in keys]
+
+        def cell(key: tuple, metric: str) -> str:
+            if f"{metric}_lo" in wide.columns and f"{metric}_hi" in wide.columns:
+                return format_interval(metric, value(key, metric), value(key, f"{metric}_lo"),
+                                       value(key, f"{metric}_hi"))
+            return format_value(metric, value(key, metric))
+
+        rows = [{**dict(zip(index, key)), **{label: cell(key, metric) for metric, label in columns.items()}}
+                for key in keys]
+        if any(f"{m}_lo" in wide.columns for m in columns):
+            notes = [*notes, INTERVAL_NOTE]
     text = [f"# {name} (profile {profile})", "", description, "", markdown_table(pd.DataFrame(rows))]
     text += ["Notes:", ""] + [f"- {note}" for note in notes]
     text += ["", f"Tidy values: {name}.csv; provenance: {name}.json; regenerate with "

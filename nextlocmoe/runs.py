@@ -94,6 +94,7 @@ def load_run(run_dir: str | os.PathLike, windows: Windows | None = None, *, cfg:
         windows = prepare(cfg.data, cache_dir=cache_dir)
     windows = limited(windows, cfg)
     torch.manual_seed(cfg.train.seed)       # the fixed random parts of the model (as in train)
-    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                        windows.history + windows.current)
     load_trainable_state(model, torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     return LoadedRun(cfg, model.to(pick_device(device)).eval(), windows)

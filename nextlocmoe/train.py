@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from .baselines import Popularity
 from .config import ExperimentConfig, training_dict
 from .data.prepare import prepare
 from .data.windows import Windows
@@ -101,7 +102,9 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     windows = limited(windows, cfg)
 
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                        windows.history + windows.current)
+    model.set_popularity_prior(Popularity("targets").fit(windows).counts)   # ranking head: starts at popularity
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.plateau_factor,
@@ -190,7 +193,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                         "state": state, "config": cfg.to_dict()})
         accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "val_hit", "val_mrr"))))
+            f"{k}={v:.4g}" for k, v in row.items()
+            if k.startswith(("train_loss", "val_hit", "val_mrr")) and not k.endswith(("_lo", "_hi"))))
         accelerator.wait_for_everyone()
 
     history = pd.DataFrame(state["history"])

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from nextlocmoe.baselines import (BASELINES, LSTMClassifier, Markov, NeuralBaselineConfig, Popularity,
-                                  TransformerClassifier, UserHistoryFrequency, UserMostFrequent,
-                                  candidates_xy_of, evaluate_baseline, make_baseline)
+from nextlocmoe.baselines import (BASELINES, LastLocation, LSTMClassifier, Markov, NeuralBaselineConfig, Popularity,
+                                  TransformerClassifier, TransformerPointer, UserHistoryFrequency, UserMostFrequent,
+                                  candidates_xy_of, evaluate_baseline, input_locations, make_baseline)
+from nextlocmoe.metrics import ranks_from_scores
 from nextlocmoe.data.config import DataConfig
 from nextlocmoe.data.schema import MobilityData
 from nextlocmoe.data.windows import WindowDataset, make_windows
@@ -125,6 +126,19 @@ def test_user_most_frequent_ranks_like_brute_force(split):
 
 
 @pytest.mark.parametrize("split", ["chronological", "user"])
+def test_last_location_ranks_the_current_place_first_then_popularity(split):
+    w = random_windows(split, seed=3)
+    model = LastLocation().fit(w)
+    batch = w.batch("test", np.arange(w.n_windows("test")))
+    scores = model.score(batch)
+    counts = brute_popularity(w)
+    by_popularity = sorted(range(w.n_locations), key=lambda l: (-counts[l], l))
+    for b, row in enumerate(scores):
+        last = int(batch["cur_location"][b, -1])
+        assert order_from_scores(row) == [last] + [l for l in by_popularity if l != last]
+
+
+@pytest.mark.parametrize("split", ["chronological", "user"])
 def test_user_history_frequency_ranks_like_brute_force(split):
     w = random_windows(split, seed=5)
     pop = brute_popularity(w)
@@ -235,7 +249,7 @@ def successor_windows():
     return windows_of(mobility(sequences, n_locations=10), history=4, current=2)
 
 
-@pytest.mark.parametrize("cls", [LSTMClassifier, TransformerClassifier])
+@pytest.mark.parametrize("cls", [LSTMClassifier, TransformerClassifier, TransformerPointer])
 def test_neural_baseline_learns_a_pattern_popularity_cannot(cls, successor_windows):
     w = successor_windows
     model = cls(NeuralBaselineConfig(**TINY_NEURAL)).fit(w)
@@ -244,6 +258,21 @@ def test_neural_baseline_learns_a_pattern_popularity_cannot(cls, successor_windo
     neural = evaluate_baseline(model, w, "test")
     popular = evaluate_baseline(Popularity().fit(w), w, "test")
     assert neural["hit@1"] >= 0.65 and neural["hit@1"] > popular["hit@1"] + 0.4
+
+
+def test_transformer_pointer_starts_like_the_windows_most_frequent_place():
+    w = random_windows("chronological", seed=5, n_locations=30)
+    model = TransformerPointer(NeuralBaselineConfig(**{**TINY_NEURAL, "epochs": 1, "lr": 1e-12})).fit(w)
+    batch = w.batch("test", np.arange(w.n_windows("test")))
+    target = batch["target_location"]
+    ours = ranks_from_scores(model.score(batch), target)
+    theirs = ranks_from_scores(UserMostFrequent().fit(w).score(batch), target)
+    loc = input_locations(batch)
+    once = (loc == target[:, None]).sum(1) <= 1        # ties of repeated places may order differently (pointer.py)
+    assert once.any()
+    np.testing.assert_array_equal(ours[once], theirs[once])
+    probabilities = np.exp(model.score(batch)).sum(1)  # the scores are log-probabilities
+    np.testing.assert_allclose(probabilities, 1.0, atol=1e-5)
 
 
 def test_neural_fit_is_deterministic_and_leaves_global_rng_alone(successor_windows):

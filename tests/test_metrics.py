@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nextlocmoe.errors import ConfigError, DataError
-from nextlocmoe.metrics import (CandidateIndex, evaluate_points, evaluate_scores, metrics_table,
-                                ranks_from_scores, retrieval_metrics)
+from nextlocmoe.metrics import (CandidateIndex, bootstrap_interval, evaluate_points, evaluate_scores,
+                                metrics_table, ranks_from_scores, retrieval_metrics, wilson_interval)
 
 
 # --- independent reference -------------------------------------------------------------------------
@@ -65,10 +65,13 @@ def test_metric_values_by_hand():
     assert metrics["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / 2) / 4)
     assert metrics["ndcg@20"] == metrics["ndcg@5"]
     assert metrics["dist_mean_m"] == 20.0 and metrics["dist_median_m"] == 15.0
-    expected_keys = {"hit@1", "hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr",
-                     "dist_mean_m", "dist_median_m", "n"}
-    assert set(metrics) == expected_keys
-    assert set(retrieval_metrics(np.array([1]))) == expected_keys - {"dist_mean_m", "dist_median_m"}
+    # point metrics first (in their old order), then the 95% intervals, n last
+    intervals = ["hit@1_lo", "hit@1_hi", "hit@5_lo", "hit@5_hi", "hit@10_lo", "hit@10_hi", "hit@20_lo",
+                 "hit@20_hi", "mrr_lo", "mrr_hi"]
+    expected_keys = ["hit@1", "hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr",
+                     "dist_mean_m", "dist_median_m", *intervals, "n"]
+    assert list(metrics) == expected_keys
+    assert list(retrieval_metrics(np.array([1]))) == [k for k in expected_keys if not k.startswith("dist_")]
 
 
 def test_scores_by_hand_with_ties():
@@ -183,6 +186,81 @@ def test_distance_errors():
     metrics = evaluate_scores(scores, [2, 1], candidates)
     assert metrics["dist_mean_m"] == pytest.approx((math.hypot(100, 100) + 100.0) / 2)
     assert metrics["hit@1"] == 0.0 and metrics["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+
+
+# --- 95% intervals -------------------------------------------------------------------------------
+
+def score_test_bounds(successes, n, z=1.96):
+    """Wilson bounds found numerically as the p0 where the score statistic |p - p0| / sqrt(p0 (1 - p0) / n)
+    equals z (an independent route to the interval: root finding, no closed form)."""
+    from scipy.optimize import brentq
+
+    p = successes / n
+    f = lambda p0: abs(p - p0) - z * math.sqrt(p0 * (1 - p0) / n)  # noqa: E731  (< 0 inside the interval)
+    lo = 0.0 if successes == 0 else brentq(f, 1e-15, p)
+    hi = 1.0 if successes == n else brentq(f, p, 1 - 1e-15)
+    return lo, hi
+
+
+def test_wilson_interval_textbook_values_and_edges():
+    lo, hi = wilson_interval(8, 10)                     # the textbook example: 8 of 10 at 95%
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
+    z2 = 1.96 ** 2
+    lo, hi = wilson_interval(0, 10)                     # no hit: lo is exactly 0, hi is not
+    assert lo == 0.0 and hi == pytest.approx(z2 / (10 + z2)) and hi > 0
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(10 / (10 + z2))
+    assert wilson_interval(0, 1) == pytest.approx((0.0, z2 / (1 + z2)))          # n = 1: [0, 0.793]
+    assert wilson_interval(1, 1) == pytest.approx((1 / (1 + z2), 1.0))           # [0.207, 1]
+    for successes, n in [(1, 3), (5, 17), (37, 200), (1999, 2000), (3, 30_000)]:
+        lo, hi = wilson_interval(successes, n)
+        assert (lo, hi) == pytest.approx(score_test_bounds(successes, n), abs=1e-9)
+        assert lo < successes / n < hi
+    # a wider level is a wider interval; arrays give arrays, element by element
+    assert wilson_interval(37, 200, z=2.576)[0] < wilson_interval(37, 200)[0]
+    lo, hi = wilson_interval(np.array([0, 8, 10]), np.array([10, 10, 10]))
+    assert lo == pytest.approx([0.0, wilson_interval(8, 10)[0], 10 / (10 + z2)]) and hi[2] == 1.0
+    with pytest.raises(DataError, match="n >= 1"):
+        wilson_interval(0, 0)
+    with pytest.raises(DataError, match="successes <= n"):
+        wilson_interval(11, 10)
+
+
+def test_bootstrap_interval_is_seeded_contains_the_mean_and_does_not_depend_on_chunking():
+    values = np.random.default_rng(3).exponential(1.0, size=2000)
+    lo, hi = bootstrap_interval(values)
+    assert lo < values.mean() < hi
+    assert bootstrap_interval(values) == (lo, hi)                                  # fixed seed: reproducible
+    assert bootstrap_interval(values, seed=1) != (lo, hi)
+    assert bootstrap_interval(values, max_chunk_elements=7_000) == (lo, hi)        # blocks of 3 resamples
+    # the width is that of the normal approximation mean +- 1.96 s / sqrt(n), within a few percent
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert bootstrap_interval(values, level=0.5)[1] - bootstrap_interval(values, level=0.5)[0] < hi - lo
+    assert bootstrap_interval(values, statistic=np.median)[0] < np.median(values)
+    assert bootstrap_interval([0.25]) == (0.25, 0.25)                               # one window: no spread
+    with pytest.raises(DataError, match="non-empty"):
+        bootstrap_interval([])
+    with pytest.raises(ConfigError, match="resamples"):
+        bootstrap_interval(values, resamples=0)
+    with pytest.raises(ConfigError, match="level"):
+        bootstrap_interval(values, level=95)
+
+
+def test_retrieval_metrics_intervals():
+    ranks = np.array([1] * 8 + [30] * 2)                # Hit@1 = 8 / 10
+    metrics = retrieval_metrics(ranks)
+    assert (metrics["hit@1_lo"], metrics["hit@1_hi"]) == wilson_interval(8, 10)
+    assert (metrics["hit@20_lo"], metrics["hit@20_hi"]) == wilson_interval(8, 10)
+    assert (metrics["mrr_lo"], metrics["mrr_hi"]) == bootstrap_interval(1.0 / ranks)
+    assert metrics["mrr_lo"] <= metrics["mrr"] <= metrics["mrr_hi"]
+    # many windows (the size of a full NYC test split): still seeded, and every bound brackets its metric
+    big = np.random.default_rng(5).geometric(0.05, size=30_000)
+    first, again = retrieval_metrics(big), retrieval_metrics(big)
+    assert first == again
+    for metric in ("hit@1", "hit@5", "hit@10", "hit@20", "mrr"):
+        assert first[f"{metric}_lo"] < first[metric] < first[f"{metric}_hi"]
+        assert first[f"{metric}_hi"] - first[f"{metric}_lo"] < 0.02
 
 
 # --- tables and validation -------------------------------------------------------------------------

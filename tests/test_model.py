@@ -346,8 +346,8 @@ def test_ranking_scores_are_not_linear_in_location_and_follow_function_labels():
     fn = np.array([0, 0, 0])
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny", num_layers=2, pmoe_layers=(1,), use_prompt=False,
-                                    head="ranking", ranking_id_embedding=False), dict(x_mean=0.0, x_std=1000.0,
-                                                                                      y_mean=0.0, y_std=1000.0), xy, fn)
+                                    head="ranking", ranking_id_embedding=False, ranking_pointer=False),
+                        dict(x_mean=0.0, x_std=1000.0, y_mean=0.0, y_std=1000.0), xy, fn)
     scores = model.eval()(make_batch(B=8)).scores                                   # (8, 3)
     gap = scores[:, 1] - (scores[:, 0] + scores[:, 2]) / 2
     assert gap.abs().max() > 1e-3
@@ -449,10 +449,12 @@ def test_smollm2_builds_and_runs():
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("pmoe", [True, False])
-def test_shared_prompt_prefix_equals_running_the_prompt_per_sample(attention, pmoe):
-    """run_backbone runs the prompt once per batch before the first P-MoE layer: same outputs and gradients."""
-    model = use_attention(make_model(use_prompt=True, use_personalized_moe=pmoe, pmoe_layers=(2, 3)), attention)
+@pytest.mark.parametrize("pmoe, reads_history", [(True, True), (False, True), (True, False)])
+def test_shared_prompt_prefix_equals_running_the_prompt_per_sample(attention, pmoe, reads_history):
+    """run_backbone runs the prompt once per batch (before the first P-MoE layer, or through every layer when the
+    prompt routes without h): the same outputs, routing, entropy and gradients as running it per sample."""
+    model = use_attention(make_model(use_prompt=True, use_personalized_moe=pmoe, pmoe_layers=(1, 3),
+                                     prompt_reads_history=reads_history), attention)
     model.train(False)
     batch = make_batch(B=3)
     results = []
@@ -463,9 +465,18 @@ def test_shared_prompt_prefix_equals_running_the_prompt_per_sample(attention, pm
         loss, _ = model.loss(out, batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out.pred_xy.detach(), grads))
-    (pred_a, grads_a), (pred_b, grads_b) = results
+        results.append((out.pred_xy.detach(), grads, out.personalized))
+    (pred_a, grads_a, moe_a), (pred_b, grads_b, moe_b) = results
     torch.testing.assert_close(pred_a, pred_b, rtol=1e-5, atol=1e-4)
+    assert len(moe_a) == len(moe_b) == (2 if pmoe else 0)
+    for a, b in zip(moe_a, moe_b):
+        torch.testing.assert_close(a.gate_probs, b.gate_probs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.selected, b.selected)
+        if not reads_history:   # the prompt rows route alike in every sample, the trajectory rows do not
+            P = model.prompt_length
+            assert torch.equal(a.gate_probs[0, :P], a.gate_probs[2, :P])
+            assert not torch.equal(a.gate_probs[0, P:], a.gate_probs[2, P:])
     assert grads_a.keys() == grads_b.keys() and any("norm" in n for n in grads_a)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)

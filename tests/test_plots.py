@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
@@ -37,6 +38,32 @@ def tidy(experiment, rows):
 def bars_by_gid(fig):
     """gid -> bar patch, over every axes of the figure."""
     return {p.get_gid(): p for ax in fig.axes for p in ax.patches if p.get_gid()}
+
+
+def error_bars(fig):
+    """gid -> [(x or y centre, lo, hi)] of every error bar, read back from the ErrorbarContainers' segments."""
+    out = {}
+    for ax in fig.axes:
+        for container in ax.containers:
+            if isinstance(container, ErrorbarContainer):
+                (lines,) = container.lines[2]           # the LineCollection of the whiskers
+                vertical = container.has_yerr
+                out[lines.get_gid()] = [(seg[0, 0], seg[0, 1], seg[1, 1]) if vertical else
+                                        (seg[0, 1], seg[0, 0], seg[1, 0]) for seg in lines.get_segments()]
+    return out
+
+
+def with_intervals(rows, half=0.05):
+    """The rows with "<metric>_lo" / "<metric>_hi" = value -+ half (clipped to [0, 1]) for Hit@k and MRR."""
+    out = []
+    for m, k, d, v, metrics in rows:
+        bounds = {}
+        for metric, value in metrics.items():
+            if metric.startswith("hit@") or metric == "mrr":
+                bounds[f"{metric}_lo"] = max(value - half, 0.0)
+                bounds[f"{metric}_hi"] = min(value + half, 1.0)
+        out.append((m, k, d, v, {**metrics, **bounds}))
+    return out
 
 
 def data_axes(fig):
@@ -129,6 +156,43 @@ def test_supervised_errors_name_the_missing_column_or_metric():
     assert "(m)" in data_axes(fig)[0].get_ylabel()
 
 
+def test_supervised_error_bars_from_interval_metrics():
+    rows = with_intervals(SUPERVISED)
+    fig = plots.plot_supervised(tidy("supervised", rows))
+    check_readable(fig)
+    bars = bars_by_gid(fig)
+    assert len(bars) == 24                          # the bounds are not bars of their own
+    errors = error_bars(fig)
+    assert len(errors) == len(SUPERVISED)           # one error-bar container per (dataset, method, variant)
+    metrics = ["hit@1", "hit@5", "hit@10", "mrr"]
+    for method, _kind, dataset, variant, values in rows:
+        segments = errors[f"{dataset}|{method}|{variant}|interval"]
+        assert len(segments) == len(metrics)
+        for (centre, lo, hi), metric in zip(segments, metrics):
+            bar = bars[f"{dataset}|{method}|{variant}|{metric}"]
+            assert centre == pytest.approx(bar.get_x() + bar.get_width() / 2)
+            assert (lo, hi) == pytest.approx((values[f"{metric}_lo"], values[f"{metric}_hi"]))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("95%" in label for label in labels)
+    # asking for a bound as a metric draws nothing extra; an old table (no bounds) draws no error bar
+    fig = plots.plot_supervised(tidy("supervised", rows), metrics=("hit@1", "hit@1_lo", "hit@1_hi"))
+    assert sorted(gid.rsplit("|", 1)[1] for gid in bars_by_gid(fig)) == ["hit@1"] * len(SUPERVISED)
+    old = plots.plot_supervised(tidy("supervised", SUPERVISED))
+    assert not error_bars(old) and not any("95%" in t.get_text() for t in old.legends[0].get_texts())
+
+
+def test_error_bars_only_where_a_row_has_its_bounds():
+    rows = with_intervals(SUPERVISED[:2]) + SUPERVISED[2:4]      # markov and popularity with bounds, ours without
+    fig = plots.plot_supervised(tidy("supervised", rows))
+    errors = error_bars(fig)
+    assert set(errors) == {"synthetic|popularity|default|interval", "synthetic|markov|default|interval"}
+    # a zero-width bound (Hit@1 of 0 with lo = 0) is a zero-length bar below, not an error
+    zero = [("markov", "baseline", "A->B", "zero-shot", {"hit@1": 0.0, "hit@1_lo": 0.0, "hit@1_hi": 0.3,
+                                                        "hit@5": 0.2, "hit@10": 0.3, "mrr": 0.1})]
+    segments = error_bars(plots.plot_zero_shot(tidy("zero_shot", zero)))["A->B|markov|zero-shot|interval"]
+    assert [(lo, hi) for _x, lo, hi in segments] == [(0.0, 0.3)]
+
+
 # --- 03 zero-shot -----------------------------------------------------------------------------------
 
 def test_zero_shot_pairs_and_variants():
@@ -205,6 +269,28 @@ def test_ablations_lower_is_better_for_distances_and_errors():
         plots.plot_ablations(table, metric="hit@20")
     with pytest.raises(ConfigError, match="variant"):
         plots.plot_ablations(table.drop(columns="variant"))
+
+
+def test_ablation_error_bars_from_interval_metrics():
+    rows = [(m, k, d, v, {**values, "hit@10_lo": values["hit@10"] - 0.1, "hit@10_hi": values["hit@10"] + 0.1})
+            for m, k, d, v, values in ABLATION_ROWS]
+    fig = plots.plot_ablations(tidy("ablations", rows))
+    check_readable(fig)
+    (ax,) = data_axes(fig)
+    assert len(ax.patches) == 4
+    (segments,) = error_bars(fig).values()
+    bars = bars_by_gid(fig)
+    for (centre, lo, hi), (_m, _k, dataset, variant, values) in zip(segments, rows):
+        bar = bars[f"{dataset}|nextlocmoe|{variant}|hit@10"]
+        assert centre == pytest.approx(bar.get_y() + bar.get_height() / 2)
+        assert (lo, hi) == pytest.approx((values["hit@10_lo"], values["hit@10_hi"]))
+    # the printed value sits right of the whisker, inside the axes
+    texts = {round(t.get_position()[1]): t for t in ax.texts}
+    assert texts[1].get_position()[0] > 0.6 and ax.get_xlim()[1] > texts[1].get_position()[0]
+    assert not error_bars(plots.plot_ablations(tidy("ablations", ABLATION_ROWS)))
+    assert not error_bars(plots.plot_ablations(tidy("ablations", rows), metric="dist_median_m"))
+    with pytest.raises(ConfigError, match="bound of an interval"):
+        plots.plot_ablations(tidy("ablations", rows), metric="hit@10_lo")
 
 
 # --- 05 efficiency ----------------------------------------------------------------------------------

@@ -54,6 +54,26 @@ def _routing(base: ModelConfig, plan: PlanConfig) -> Variants:
     return {f"{other}_routing": (f"P-MoE {other} routing instead of {p.routing}", routed)}
 
 
+@register_ablation("renormalize")
+def _renormalize(base: ModelConfig, plan: PlanConfig) -> Variants:
+    p = base.personalized
+    name = "not_renormalized" if p.renormalize else "renormalized"
+    text = ("kept P-MoE gate probabilities used as they are" if p.renormalize else
+            "kept P-MoE gate probabilities divided by their sum (the experts' weights add up to 1)")
+    return {name: (text, dataclasses.replace(base, personalized=dataclasses.replace(p, renormalize=not p.renormalize)))}
+
+
+@register_ablation("prompt_history")
+def _prompt_history(base: ModelConfig, plan: PlanConfig) -> Variants:
+    if not base.use_prompt or not base.use_personalized_moe:
+        return {}
+    if base.prompt_reads_history:
+        return {"prompt_without_history": ("the prompt tokens' P-MoE gates route with h = 0 (one shared prompt pass)",
+                                           dataclasses.replace(base, prompt_reads_history=False))}
+    return {"prompt_reads_history": ("the prompt tokens' P-MoE gates read the sample's h, as in the paper",
+                                     dataclasses.replace(base, prompt_reads_history=True))}
+
+
 @register_ablation("experts")
 def _experts(base: ModelConfig, plan: PlanConfig) -> Variants:
     p = base.personalized
@@ -92,6 +112,14 @@ def _backbone_init(base: ModelConfig, plan: PlanConfig) -> Variants:
 def _head(base: ModelConfig, plan: PlanConfig) -> Variants:
     other = "ranking" if base.head == "regression" else "regression"
     return {f"{other}_head": (f"{other} head instead of {base.head}", dataclasses.replace(base, head=other))}
+
+
+@register_ablation("pointer")
+def _pointer(base: ModelConfig, plan: PlanConfig) -> Variants:
+    if base.head != "ranking" or not base.ranking_pointer:   # the copy mixture belongs to the ranking head
+        return {}
+    return {"no_pointer": ("ranking head without the copy mixture over the window's places",
+                           dataclasses.replace(base, ranking_pointer=False))}
 
 
 @register_ablation("prompt")

@@ -45,7 +45,8 @@ def measure_model(cfg: ExperimentConfig, windows: Windows, batch_sizes: tuple[in
     device = pick_device()
     autocast = resolve_mixed_precision(cfg.train.mixed_precision) == "bf16"
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function).to(device)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                        windows.history + windows.current).to(device)
     counts = model.parameter_counts()
     metrics: dict[str, float] = {"params_total": counts["total"], "params_trainable": counts["trainable"]}
 

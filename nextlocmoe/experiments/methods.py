@@ -1,6 +1,8 @@
 """The registered methods (rows of the tables) and the two job bodies every experiment uses.
 
-    popularity, user_most_frequent, markov, lstm, transformer   classical baselines (nextlocmoe.baselines)
+    popularity, last_location, user_most_frequent, markov, lstm, transformer, transformer_pointer
+                        classical baselines (nextlocmoe.baselines); transformer_pointer carries this project's
+                        copy mixture, to ask what the LLM and the MoEs add beyond a small model with the same head
     nextlocllm          NextLocLLM-style: same backbone and prompt, regression head + KD-tree, no MoE and no
                         router; a peft LoRA on every FFN gives it trainable capacity inside the backbone
     nextlocmoe          the paper's model: both MoEs, the history router, regression head + KD-tree
@@ -45,13 +47,17 @@ def _neural(name: str):
 
 for _order, (_name, _label, _color, _make) in enumerate([
         ("popularity", "most popular training target, same for everyone", "#8a8a8a", _counting("popularity")),
+        ("last_location", "the current place again (stay where you are; popularity for the rest)", "#b3a28a",
+         _counting("last_location")),
         ("user_most_frequent", "most frequent place of the window's own records (popularity breaks ties)",
          "#8c6d4f", _counting("user_most_frequent")),
         ("markov", "first-order transitions from the current place (smoothed, popularity prior)", "#b8b332",
          _counting("markov")),
         ("lstm", "LSTM classifier over the window's place ids and times", "#1b9e9e", _neural("lstm")),
         ("transformer", "MHSA-style (causal transformer) classifier over the window", "#41ab5d",
-         _neural("transformer"))]):
+         _neural("transformer")),
+        ("transformer_pointer", "the same transformer with the ranking head's copy mixture over the window's places",
+         "#006d2c", _neural("transformer_pointer"))]):
     register_method(Method(_name, "baseline", "baseline", _label, _color, make=_make, order=10 + _order))
 
 
@@ -65,7 +71,7 @@ register_method(Method("nextlocllm", "baseline", "model", "NextLocLLM-style: sam
 register_method(Method("nextlocmoe", "paper method", "model", "NextLocMoE as in the paper (regression head + KD-tree)",
                        NEXTLOCMOE_RED, model_config=lambda base: dataclasses.replace(base, head="regression"),
                        order=30))
-register_method(Method("nextlocmoe_ranking", "extension", "model", "NextLocMoE with this project's ranking head",
+register_method(Method("nextlocmoe_ranking", "extension", "model", "NextLocMoE with this project's ranking head (candidate softmax + copy mixture over the window)",
                        "#e67e22", model_config=lambda base: dataclasses.replace(base, head="ranking"), order=31))
 register_method(Method("llm_mob", "baseline", "prompted", "LLM-Mob-style: the generative backbone prompted with the "
                        "visits as text, no training", "#7b5ea7", supervised=False, order=40))

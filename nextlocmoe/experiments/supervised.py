@@ -54,11 +54,15 @@ def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[s
 
 
 def _metric_position(metric: str) -> tuple[int, int, str]:
-    """hit@k, ndcg@k (by k), mrr, distances, n, then anything else by name."""
-    family, _, k = metric.partition("@")
+    """hit@k, ndcg@k (by k, each point value before its _lo/_hi bounds), mrr, distances, n, then the rest by name."""
+    base, bound = metric, ""
+    for suffix in ("_lo", "_hi"):
+        if metric.endswith(suffix):
+            base, bound = metric[:-len(suffix)], suffix
+    family, _, k = base.partition("@")
     families = ("hit", "ndcg", "mrr", "dist_mean_m", "dist_median_m", "n")
     if family in families:
-        return families.index(family), int(k) if k.isdigit() else 0, metric
+        return families.index(family), int(k) if k.isdigit() else 0, bound
     return len(families), 0, metric
 
 

@@ -49,6 +49,9 @@ class ModelConfig:
 
     # ablation switches (paper Sec. 5.4)
     use_prompt: bool = True          # prepend the fixed task prompt (paper); off = trajectory tokens only
+    prompt_reads_history: bool = True  # paper: the prompt tokens' P-MoE gates read the sample's h; False (ours,
+                                     # a speed deviation): they route with h = 0, so the prompt is the same for
+                                     # every sample and runs once per batch through all layers (run_backbone)
     use_location_moe: bool = True    # off = current tokens use the plain coordinate projection
     use_personalized_moe: bool = True  # off = every layer keeps its dense frozen FFN
     use_history_router: bool = True  # off = both gates receive zeros instead of the TCN summary h
@@ -72,6 +75,9 @@ class ModelConfig:
     ranking_fourier_features: int = 64  # random Fourier frequencies of candidate coordinates (ours)
     ranking_fourier_max_scale: float = 128.0  # highest frequency, cycles per std of the city (ours)
     ranking_id_embedding: bool = True  # a learned embedding per candidate (ours; resolves dense venues)
+    ranking_pointer: bool = True     # ours: mix the candidate softmax with a copy distribution over the window's own
+                                     # places (model/pointer.py); starts ranking like the window's most frequent place
+    pointer_dim: int = 64            # width of the copy attention's queries and keys (ours)
 
     def __post_init__(self) -> None:
         if isinstance(self.pmoe_layers, list):
@@ -121,6 +127,7 @@ class ModelConfig:
             ("ranking_dim", self.ranking_dim >= 1, "an integer >= 1"),
             ("ranking_fourier_features", self.ranking_fourier_features >= 0, "an integer >= 0"),
             ("ranking_fourier_max_scale", self.ranking_fourier_max_scale > 0, "a frequency > 0"),
+            ("pointer_dim", self.pointer_dim >= 1, "an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:

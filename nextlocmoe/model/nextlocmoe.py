@@ -49,10 +49,13 @@ from .heads import RankingHead, RegressionHead, final_norm_float32
 from .history_router import HistoryRouter
 from .location_moe import LocationSemanticsMoE
 from .personalized_moe import MoEOutput, PersonalizedMoE
+from .pointer import CopyMixture
 from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_names
 
 BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
               "cur_xy", "cur_weekday", "cur_hour", "cur_duration")
+POINTER_KEYS = ("hist_location", "cur_location")   # the window's place ids, read by the copy mixture only
+WINDOW_RECORDS = 45   # S_h + S_c of the paper (40 + 5): the longest window the copy mixture's biases cover by default
 
 
 class ModelOutput(NamedTuple):
@@ -114,13 +117,24 @@ class PrefixCache:
                 torch.cat([prompt_values.expand(B, -1, -1, -1), values], dim=2))
 
 
+def concat_moe_outputs(first: MoEOutput, second: MoEOutput) -> MoEOutput:
+    """The MoEOutput of tokens [first ; second] along T, as if one call had routed them all; a batch-1 `first`
+    (the shared prompt) is broadcast over the batch, and the entropy is the mean over all B x T tokens."""
+    B = second.output.shape[0]
+    T1, T2 = first.output.shape[1], second.output.shape[1]
+    cat = lambda a, b: torch.cat([a.expand(B, *a.shape[1:]), b], dim=1)
+    entropy = (first.entropy * T1 + second.entropy * T2) / (T1 + T2)
+    return MoEOutput(cat(first.output, second.output), cat(first.gate_probs, second.gate_probs),
+                     cat(first.selected, second.selected), entropy)
+
+
 class NextLocMoE(nn.Module):
     """LLaMA backbone + Location Semantics MoE + Personalized MoE + history-aware router (paper Sec. 4)."""
 
     share_prompt_prefix = True  # run the prompt once per batch where that is exact (see run_backbone)
 
     def __init__(self, cfg: ModelConfig, backbone: Backbone, norm_stats: Any,
-                 candidates_xy: Any = None, candidate_function: Any = None):
+                 candidates_xy: Any = None, candidate_function: Any = None, window_records: int = WINDOW_RECORDS):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -194,6 +208,14 @@ class NextLocMoE(nn.Module):
             self.head = RankingHead(d_model, self._zscore(self.candidates_xy), torch.from_numpy(self.candidate_function.copy()),
                                     cfg.coord_dim, cfg.ranking_dim, cfg.ranking_fourier_features,
                                     cfg.ranking_fourier_max_scale, cfg.ranking_id_embedding, seed=cfg.seed)
+        # the copy mixture over the window's places (ours, model/pointer.py); its start = the most frequent place,
+        # which needs the generator to start at the popularity prior alone: a zero query (like LoRA's B = 0)
+        self.pointer = None
+        if cfg.head == "ranking" and cfg.ranking_pointer:
+            self.pointer = CopyMixture(d_model, d_model, window_records, cfg.pointer_dim)
+            with torch.no_grad():
+                self.head.query.weight.zero_()
+                self.head.query.bias.zero_()
 
         # --- NextLocLLM-style baseline: a LoRA on every dense FFN (built last, so that every other module draws
         # the same random numbers with and without it)
@@ -258,20 +280,28 @@ class NextLocMoE(nn.Module):
     def run_backbone(self, tokens: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
         """(B, T, D) input embeddings, h (B, 176) -> hidden states (B, T, D) BEFORE the final norm, P-MoE outputs.
 
-        Shared prompt prefix: the prompt tokens attend only to each other (causal mask) and nothing specific to a
-        sample reaches them before the first Personalized MoE layer (whose gate reads h). Until that layer their
-        hidden states are the same for every sample, so we run the prompt once (batch 1) and let the trajectory
-        tokens attend to its cached keys/values: the same function (tested), at 45 instead of P + 45 tokens per
-        sample in those layers (with SmolLM2's prompt and P-MoE at layer 8: about half the backbone's work).
+        Shared prompt prefix: the prompt tokens attend only to each other (causal mask), so until something
+        specific to a sample reaches them their hidden states are the same for every sample. We then run the
+        prompt once (batch 1) and let the trajectory tokens attend to its cached keys/values: the same function
+        (tested), at 45 instead of P + 45 tokens per sample in those layers.
+          * model.prompt_reads_history=True (paper): the prompt tokens' P-MoE gates read the sample's h, so the
+            prompt is shared only up to the first P-MoE layer (SmolLM2, P-MoE at 8: 8 of 12 layers);
+          * model.prompt_reads_history=False (ours, docs/design.md §4): the prompt tokens route with h = 0, the
+            prompt is the same for every sample through ALL layers and one prompt cache serves the batch.
         With several processes the returned prompt rows are the broadcast batch-1 states.
         """
         x = tokens.to(self.backbone_dtype)
         B, T, _ = x.shape
-        P = 0 if self.prompt_embeddings is None else self.prompt_embeddings.shape[0]
-        shared = min((int(i) for i in self.personalized_moe), default=len(self.llama.layers)) if P else 0
-        personalized = []
+        P = self.prompt_length
+        if not P:
+            shared = 0
+        elif self.cfg.prompt_reads_history:
+            shared = min((int(i) for i in self.personalized_moe), default=len(self.llama.layers))
+        else:
+            shared = len(self.llama.layers)
+        personalized: list[MoEOutput] = []
         if shared > 0 and B > 1 and self.share_prompt_prefix:
-            x = self._run_shared_prefix(x, P, shared)                                  # (B, T, D) at layer `shared`
+            x, personalized = self._run_shared_prefix(x, P, shared, history)          # (B, T, D) at layer `shared`
         else:
             shared = 0
         position_ids = torch.arange(T, device=x.device)[None]                          # (1, T)
@@ -289,13 +319,32 @@ class NextLocMoE(nn.Module):
             attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
                                            position_ids=position_ids, position_embeddings=position_embeddings)
             x = x + attention                                                           # (B, T, D)
-            moe_out = moe(layer.post_attention_layernorm(x), history.to(x.dtype))
+            moe_out = self._personalized_ffn(moe, layer.post_attention_layernorm(x), history, P)
             x = x + moe_out.output                                                      # (B, T, D)
             personalized.append(moe_out)
         return x, personalized
 
-    def _run_shared_prefix(self, x: torch.Tensor, P: int, shared: int) -> torch.Tensor:
-        """Layers [0, shared): the prompt x[:1, :P] once, the trajectory x[:, P:] attending to its keys/values."""
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.prompt_embeddings is None else int(self.prompt_embeddings.shape[0])
+
+    def _personalized_ffn(self, moe: PersonalizedMoE, hidden: torch.Tensor, history: torch.Tensor,
+                          P: int) -> MoEOutput:
+        """The P-MoE on (B, T, D) FFN inputs; with prompt_reads_history=False the first P (prompt) tokens route
+        with h = 0 and the rest with the sample's h."""
+        if not P or self.cfg.prompt_reads_history:
+            return moe(hidden, history.to(hidden.dtype))
+        B = hidden.shape[0]
+        prompt = moe(hidden[:, :P], history.new_zeros(B, history.shape[-1]).to(hidden.dtype))
+        return concat_moe_outputs(prompt, moe(hidden[:, P:], history.to(hidden.dtype)))
+
+    def _run_shared_prefix(self, x: torch.Tensor, P: int, shared: int,
+                           history: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """Layers [0, shared): the prompt x[:1, :P] once, the trajectory x[:, P:] attending to its keys/values.
+
+        A P-MoE layer among them (prompt_reads_history=False only) runs the prompt's FFN with h = 0 and the
+        trajectory's with the sample's h; its MoEOutput covers all P + S tokens, the prompt rows broadcast.
+        """
         B, T, _ = x.shape
         S = T - P
         prompt, trajectory = x[:1, :P], x[:, P:]                                        # (1, P, D), (B, S, D)
@@ -310,19 +359,42 @@ class NextLocMoE(nn.Module):
         else:
             mask_s = full_mask[..., P:, :]                                              # (1, 1, S, T)
         cache = PrefixCache()
-        for layer in self.llama.layers[:shared]:
+        personalized = []
+        for i, layer in enumerate(self.llama.layers[:shared]):
+            moe = self.personalized_moe[str(i)] if str(i) in self.personalized_moe else None
+            if moe is None:
+                cache.recording = True
+                out = layer(prompt, attention_mask=mask_p, position_ids=pos_p, position_embeddings=rope_p,
+                            past_key_values=cache)
+                prompt = out[0] if isinstance(out, tuple) else out
+                cache.recording = False
+                out = layer(trajectory, attention_mask=mask_s, position_ids=pos_s, position_embeddings=rope_s,
+                            past_key_values=cache)
+                trajectory = out[0] if isinstance(out, tuple) else out
+                continue
             cache.recording = True
-            out = layer(prompt, attention_mask=mask_p, position_ids=pos_p, position_embeddings=rope_p,
-                        past_key_values=cache)
-            prompt = out[0] if isinstance(out, tuple) else out
+            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(prompt), attention_mask=mask_p,
+                                           position_ids=pos_p, position_embeddings=rope_p, past_key_values=cache)
+            prompt = prompt + attention                                                  # (1, P, D)
             cache.recording = False
-            out = layer(trajectory, attention_mask=mask_s, position_ids=pos_s, position_embeddings=rope_s,
-                        past_key_values=cache)
-            trajectory = out[0] if isinstance(out, tuple) else out
-        return torch.cat([prompt.expand(B, -1, -1), trajectory], dim=1)                 # (B, T, D)
+            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(trajectory), attention_mask=mask_s,
+                                           position_ids=pos_s, position_embeddings=rope_s, past_key_values=cache)
+            trajectory = trajectory + attention                                          # (B, S, D)
+            zero_h = history.new_zeros(1, history.shape[-1]).to(prompt.dtype)
+            moe_p = moe(layer.post_attention_layernorm(prompt), zero_h)
+            moe_s = moe(layer.post_attention_layernorm(trajectory), history.to(trajectory.dtype))
+            prompt, trajectory = prompt + moe_p.output, trajectory + moe_s.output
+            personalized.append(concat_moe_outputs(moe_p, moe_s))
+        return torch.cat([prompt.expand(B, -1, -1), trajectory], dim=1), personalized  # (B, T, D)
 
     # ------------------------------------------------------------------------------------------------------
     # forward, loss, predictions
+
+    @torch.no_grad()
+    def set_popularity_prior(self, counts: Any) -> None:
+        """Start the ranking head's per-candidate bias at log training frequencies (no-op for regression)."""
+        if self.cfg.head == "ranking":
+            self.head.set_popularity_prior(torch.as_tensor(np.asarray(counts), dtype=torch.float32))
 
     def candidate_location_embeddings(self) -> torch.Tensor:
         """(L, 128) function-aware embeddings of all candidates, by the same encoder as the current tokens."""
@@ -339,6 +411,15 @@ class NextLocMoE(nn.Module):
         if self.cfg.head == "regression":
             return ModelOutput(self.head(state), None, location, personalized, h)
         scores = self.head(state, self.candidate_location_embeddings())                 # (B, L)
+        if self.pointer is not None:    # log p of the copy mixture: still a score per candidate, normalised
+            missing = [k for k in POINTER_KEYS if k not in batch]
+            if missing:
+                raise DataError(f"batch lacks keys {missing}; the ranking head's copy mixture reads the window's "
+                                "place ids (Windows.batch gives them)")
+            P = hidden.shape[1] - batch["hist_location"].shape[1] - batch["cur_location"].shape[1]
+            keys = final_norm_float32(self.llama.norm, hidden[:, P:])                     # (B, H + C, D)
+            window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(scores.device)  # (B, H + C)
+            scores = self.pointer(state, keys, window, scores)                            # (B, L) log p
         return ModelOutput(None, scores, location, personalized, h)
 
     def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -360,6 +441,7 @@ class NextLocMoE(nn.Module):
             total = main + cfg.entropy_weight * entropy
         else:
             target = batch["target_location"].to(out.scores.device)                        # (B,)
+            # with the copy mixture the scores are already log p: log_softmax leaves them unchanged (NLL)
             main = parts["cross_entropy"] = F.cross_entropy(out.scores.float(), target)
             total = main + cfg.ranking_entropy_weight * entropy
             if cfg.ranking_distance_weight > 0:
@@ -475,15 +557,16 @@ def randomly_initialised(backbone: Backbone, seed: int) -> Backbone:
 
 
 def build_model(cfg: ModelConfig, norm_stats: Any, candidates_xy: Any = None,
-                candidate_function: Any = None) -> NextLocMoE:
+                candidate_function: Any = None, window_records: int = WINDOW_RECORDS) -> NextLocMoE:
     """Load the backbone named by `cfg`, freeze it like the paper and assemble NextLocMoE around it.
 
     norm_stats          NormStats-like object or dict with x_mean, x_std, y_mean, y_std (training split, metres)
     candidates_xy       (L, 2) metres of every candidate location (needed by the ranking head and predict_scores)
     candidate_function  (L,) index into FUNCTIONS, -1 when unknown (ranking head)
+    window_records      S_h + S_c: the longest window the copy mixture (ranking head) will read
     """
     cfg.validate()
     backbone = load_backbone(cfg.backbone, cfg.num_layers, dtype=cfg.torch_dtype, seed=cfg.seed)
     if cfg.backbone_init == "random":
         backbone = randomly_initialised(backbone, cfg.seed)
-    return NextLocMoE(cfg, backbone, norm_stats, candidates_xy, candidate_function)
+    return NextLocMoE(cfg, backbone, norm_stats, candidates_xy, candidate_function, window_records)

@@ -20,7 +20,9 @@ here trains, evaluates or reads a model.
 Tidy results tables have the columns experiment, method, kind, dataset, variant, metric, value (one row per
 number; `nextlocmoe.results`). Every method keeps one colour in every figure (its registry entry; NextLocMoE's rows
 are red with a black edge), and a method's `kind` (paper method, extension, baseline, ablation, comparison,
-reference) is its bar hatch (`KIND_HATCHES`) and is written in the legend.
+reference) is its bar hatch (`KIND_HATCHES`) and is written in the legend. Where a table holds a metric's 95%
+interval ("<metric>_lo" / "<metric>_hi", from `metrics.retrieval_metrics`), the accuracy bars carry it as an
+asymmetric error bar; tables without them (written before intervals existed) draw plain bars.
 
 Figures are built with `matplotlib.figure.Figure` (Agg canvas), never through pyplot's global figure
 manager, so drawing many figures in a loop or a test leaks nothing and needs no display. An input that lacks
@@ -52,7 +54,7 @@ from ..data.schema import FUNCTIONS, ROLES, UNKNOWN_FUNCTION
 from ..errors import ConfigError
 from ..experiments.registry import METHODS
 from ..io import atomic_path
-from ..results import TIDY_COLUMNS
+from ..results import TIDY_COLUMNS, is_interval_metric
 
 __all__ = [
     "KIND_HATCHES", "FUNCTION_COLORS", "TOKEN_KIND_COLORS", "TIDY_COLUMNS",
@@ -267,6 +269,41 @@ def _fmt_number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _interval_errors(heights: Sequence[float], lo: Sequence[float], hi: Sequence[float]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric error bars of bars `heights` (N,) from their interval bounds: (err (2, N), drawn (N,) bool).
+
+    err[0] = height - lo and err[1] = hi - height (clipped at 0, matplotlib refuses negative lengths); drawn is
+    False where the height or a bound is missing (a table written before intervals existed), so those bars get
+    no error bar.
+    """
+    heights, lo, hi = (np.asarray(v, dtype=float) for v in (heights, lo, hi))
+    drawn = np.isfinite(heights) & np.isfinite(lo) & np.isfinite(hi)
+    err = np.zeros((2, len(heights)))
+    err[0, drawn] = np.maximum(heights[drawn] - lo[drawn], 0.0)
+    err[1, drawn] = np.maximum(hi[drawn] - heights[drawn], 0.0)
+    return err, drawn
+
+
+ERRORBAR_STYLE = {"fmt": "none", "ecolor": "0.15", "elinewidth": 1.0, "capsize": 2.5, "capthick": 1.0}
+INTERVAL_LABEL = "95% CI (Wilson: Hit@k; bootstrap: MRR)"   # legend entry of the error bars
+
+
+def _draw_errorbars(ax: Any, x: np.ndarray, y: np.ndarray, err: np.ndarray, gid: str, vertical: bool = True) -> None:
+    """Error bars err (2, N) at (x, y) (N,); every artist of the ErrorbarContainer carries `gid` (a container
+    has none of its own), so a reader finds the whiskers of a series as it finds its bars."""
+    container = ax.errorbar(x, y, **({"yerr": err} if vertical else {"xerr": err}), label="_nolegend_",
+                            **ERRORBAR_STYLE)
+    for artist in container.get_children():
+        artist.set_gid(gid)
+
+
+def _interval_handle(vertical: bool = True) -> Line2D:
+    """Legend entry of the error bars."""
+    return Line2D([], [], color=ERRORBAR_STYLE["ecolor"], marker="|" if vertical else "_", markersize=12,
+                  markeredgewidth=1.2, linestyle="", label=INTERVAL_LABEL)
+
+
 # ---------------------------------------------------------------------------------------------------
 # saving
 
@@ -451,16 +488,20 @@ def _grouped_bars(table: pd.DataFrame, metrics: Sequence[str], what: str, suptit
                   panel_title: Callable[[str], str]) -> Figure:
     """One panel per dataset: groups = metrics, one bar per (method, variant) in the method's colour.
 
-    Every bar carries gid 'dataset|method|variant|metric' so a reader (or test) can find its number.
+    Every bar carries gid 'dataset|method|variant|metric' so a reader (or test) can find its number. Where the
+    table holds a metric's 95% interval ("<metric>_lo", "<metric>_hi"), the bar gets an asymmetric error bar
+    (an ErrorbarContainer whose artists carry gid
+    'dataset|method|variant|interval'); interval bounds are never bars of their own.
     """
     t = _tidy(table, what)
-    metrics = list(metrics)
+    metrics = [m for m in metrics if not is_interval_metric(m)]   # bounds are error bars, not bars
     if not metrics:
         raise ConfigError(f"{what}: metrics is empty; expected e.g. {list(DEFAULT_METRICS)}")
     _require_metrics(t, metrics, what)
-    t = t[t["metric"].isin(metrics)]
+    bounds = [f"{m}{suffix}" for m in metrics for suffix in ("_lo", "_hi")]
+    t = t[t["metric"].isin(metrics + bounds)]
     datasets = list(dict.fromkeys(t["dataset"]))
-    keys = _series_keys(t)
+    keys = _series_keys(t[t["metric"].isin(metrics)])
     styles = _series_styles(keys)
     values = t.groupby(["dataset", "method", "variant", "metric"], sort=False)["value"].first()
 
@@ -469,6 +510,7 @@ def _grouped_bars(table: pd.DataFrame, metrics: Sequence[str], what: str, suptit
     fig = _figure((min(11.0, max(9.0, width_per * n + 1.0)), 6.0))
     axes = np.atleast_1d(fig.subplots(1, n, sharey=True, squeeze=False)[0])
     top = 0.0
+    with_intervals = False
     for ax, dataset in zip(axes, datasets):
         present = [k for k in keys if any((dataset, k[0], k[1], m) in values.index for m in metrics)]
         width = 0.84 / max(len(present), 1)
@@ -482,6 +524,15 @@ def _grouped_bars(table: pd.DataFrame, metrics: Sequence[str], what: str, suptit
             for bar, metric in zip(bars, metrics):
                 bar.set_gid(f"{dataset}|{method}|{variant}|{metric}")
             top = max(top, np.nanmax(heights) if np.isfinite(heights).any() else 0.0)
+            lo = [float(values.get((dataset, method, variant, f"{m}_lo"), np.nan)) for m in metrics]
+            hi = [float(values.get((dataset, method, variant, f"{m}_hi"), np.nan)) for m in metrics]
+            err, drawn = _interval_errors(heights, lo, hi)
+            if drawn.any():
+                centres = np.array([bar.get_x() + bar.get_width() / 2 for bar in bars])
+                _draw_errorbars(ax, centres[drawn], np.asarray(heights)[drawn], err[:, drawn],
+                                f"{dataset}|{method}|{variant}|interval")
+                top = max(top, float(np.nanmax(np.asarray(hi)[drawn])))
+                with_intervals = True
         ax.set_xticks(x, [metric_label(m) for m in metrics])
         ax.set_title(panel_title(dataset))
         ax.set_xlabel("metric (test split)")
@@ -490,8 +541,11 @@ def _grouped_bars(table: pd.DataFrame, metrics: Sequence[str], what: str, suptit
     axes[0].set_ylabel(_metric_axis_label(metrics))
     if all(re.fullmatch(r"(hit|ndcg)@\d+|mrr", m) for m in metrics):
         axes[0].set_ylim(0, min(1.05, max(0.1, top * 1.12)))
-    labels = [s["label"] for s in styles.values()]
-    legend = fig.legend(handles=_legend_handles(styles), loc="outside lower center", title="method (kind)",
+    handles: list[Any] = _legend_handles(styles)
+    if with_intervals:
+        handles.append(_interval_handle())
+    labels = [str(h.get_label()) for h in handles]
+    legend = fig.legend(handles=handles, loc="outside lower center", title="method (kind)",
                         ncols=_legend_ncols(labels, fig.get_figwidth()), frameon=False)
     _bold_legend(legend, styles)
     fig.suptitle(suptitle)
@@ -538,10 +592,17 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
 
     Beside every bar the difference to the `reference` variant is printed (absolute, in the metric's units).
     For distance/latency metrics lower is better; the sign of "better" in the colours follows that.
-    One panel per dataset.
+    One panel per dataset. Where the table holds the metric's 95% interval ("<metric>_lo", "<metric>_hi"), every
+    bar gets an asymmetric horizontal error bar (an ErrorbarContainer whose artists carry
+    gid 'dataset|interval').
     """
+    if is_interval_metric(metric):
+        raise ConfigError(f"plot_ablations: '{metric}' is the bound of an interval (drawn as error bars); "
+                          f"pass the metric itself, e.g. '{metric[:-3]}'")
     t = _tidy(table, "plot_ablations")
     _require_metrics(t, [metric], "plot_ablations")
+    bounds = t[t["metric"].isin([f"{metric}_lo", f"{metric}_hi"])]
+    bounds = bounds.groupby(["dataset", "method", "variant", "metric"], sort=False)["value"].first()
     t = t[t["metric"] == metric]
     if reference not in set(t["variant"]):
         raise ConfigError(f"plot_ablations: no variant '{reference}' (the reference) in the table; "
@@ -551,6 +612,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
     n_rows = max(len(t[t["dataset"] == d]) for d in datasets)
     fig = _figure((min(11.0, 5.0 * len(datasets) + 3.5), min(7.0, max(4.5, 0.38 * n_rows + 1.8))))
     axes = np.atleast_1d(fig.subplots(1, len(datasets), squeeze=False)[0])
+    with_intervals = False
     for ax, dataset in zip(axes, datasets):
         d = t[t["dataset"] == dataset].drop_duplicates(["method", "variant"])
         several_methods = d["method"].nunique() > 1
@@ -569,8 +631,17 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
             bar.set_hatch(hatch)
             bar.set_gid(f"{dataset}|{method}|{variant}|{metric}")
         ax.axvline(ref_value, color=NEXTLOCMOE_RED, linestyle="--", linewidth=1.2)
-        span = float(np.nanmax(d["value"])) if np.isfinite(d["value"]).any() else 1.0
-        for yi, value, r in zip(y, d["value"].to_numpy(dtype=float), is_ref):
+        widths = d["value"].to_numpy(dtype=float)
+        lo = [float(bounds.get((dataset, m, v, f"{metric}_lo"), np.nan)) for m, v in zip(d["method"], d["variant"])]
+        hi = np.array([float(bounds.get((dataset, m, v, f"{metric}_hi"), np.nan))
+                       for m, v in zip(d["method"], d["variant"])])
+        err, drawn = _interval_errors(widths, lo, hi)
+        if drawn.any():
+            _draw_errorbars(ax, widths[drawn], y[drawn], err[:, drawn], f"{dataset}|interval", vertical=False)
+            with_intervals = True
+        ends = np.where(drawn, hi, widths)                                     # where a bar's drawing ends
+        span = float(np.nanmax(ends)) if np.isfinite(ends).any() else 1.0
+        for yi, value, end, r in zip(y, widths, ends, is_ref):
             if not np.isfinite(value):
                 ax.text(0, yi, " n/a", va="center", fontsize=9)
                 continue
@@ -581,7 +652,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
                 better = diff < 0 if lower else diff > 0
                 color = "#1a7f37" if better and diff != 0 else "#b42318" if diff != 0 else "0.3"
                 text = f"{_fmt_number(value)}  (Δ {diff:+.3g})"
-            ax.text(value + 0.01 * span, yi, text, va="center", fontsize=9, color=color)
+            ax.text(end + 0.01 * span, yi, text, va="center", fontsize=9, color=color)
         ax.set_yticks(y, labels)
         for tick, r in zip(ax.get_yticklabels(), is_ref):
             if r:
@@ -596,6 +667,8 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
                      label="ablated variant (kind: ablation)"),
                Line2D([], [], color="#1a7f37", marker="s", linestyle="", label="Δ better than reference"),
                Line2D([], [], color="#b42318", marker="s", linestyle="", label="Δ worse than reference")]
+    if with_intervals:
+        handles.append(_interval_handle(vertical=False))
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
                ncols=_legend_ncols([str(h.get_label()) for h in handles], fig.get_figwidth()))
     direction = "lower is better" if lower else "higher is better"

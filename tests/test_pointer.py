@@ -1,0 +1,150 @@
+"""The copy (pointer) mixture of the ranking head: its probabilities against a loop over windows, the recency
+bound, and the untrained model ranking like the "most frequent place of the window" baseline on real windows."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nextlocmoe.baselines import Popularity, UserMostFrequent, input_locations
+from nextlocmoe.config import load_config
+from nextlocmoe.data.prepare import prepare
+from nextlocmoe.errors import DataError
+from nextlocmoe.metrics import ranks_from_scores
+from nextlocmoe.model import build_model
+from nextlocmoe.model.pointer import CopyMixture, recency_slope
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def random_inputs(B=4, T=7, L=12, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = torch.randn(B, D, generator=g)
+    keys = torch.randn(B, T, D, generator=g)
+    window = torch.randint(0, L // 2, (B, T), generator=g)       # half the candidates are never visited
+    gen = torch.randn(B, L, generator=g)
+    return state, keys, window, gen
+
+
+def test_copy_mixture_equals_a_loop_over_windows_and_is_normalised():
+    torch.manual_seed(0)
+    mix = CopyMixture(8, 8, positions=10, dim=4)
+    with torch.no_grad():        # move away from the initialisation so every term matters
+        for p in mix.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    state, keys, window, gen = random_inputs()
+    log_p = mix(state, keys, window, gen)                                        # (B, L)
+    B, T = window.shape
+    for b in range(B):
+        q = mix.query.weight.double() @ state[b].double() + mix.query.bias.double()
+        logits = [float(q.detach() @ (mix.key.weight.detach().double() @ keys[b, t].double())) / math.sqrt(4)
+                  + float(mix.position_bias[10 - T + t].detach()) for t in range(T)]
+        a = np.exp(np.array(logits) - max(logits))
+        a /= a.sum()
+        with torch.no_grad():
+            g = 1 / (1 + math.exp(-float(mix.gate.weight.double() @ state[b].double() + mix.gate.bias.double())))
+        gen_p = torch.softmax(gen[b].double(), 0).numpy()
+        for l in range(gen.shape[1]):
+            copy = sum(a[t] for t in range(T) if window[b, t] == l)
+            assert math.exp(float(log_p[b, l])) == pytest.approx(g * copy + (1 - g) * gen_p[l], rel=1e-4)
+    torch.testing.assert_close(torch.logsumexp(log_p, -1), torch.zeros(B), atol=1e-5, rtol=0)
+
+
+def test_gradients_stay_finite_for_places_the_window_never_visits():
+    torch.manual_seed(0)
+    mix = CopyMixture(8, 8, positions=7, dim=4)
+    state, keys, window, gen = random_inputs()
+    gen.requires_grad_(True)
+    target = torch.tensor([11, 10, window[2, 0].item(), 9])      # three targets outside every window
+    loss = -mix(state, keys, window, gen).gather(1, target[:, None]).mean()
+    loss.backward()
+    grads = [gen.grad] + [p.grad for p in mix.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert mix.gate.bias.grad.item() > 0.5       # unvisited targets pull the gate towards generating
+
+
+def test_recency_slope_never_outweighs_one_more_visit():
+    # every pair of disjoint position sets with c + 1 and c visits, exhaustively for short windows
+    for T in range(2, 10):
+        w = np.exp(recency_slope(T) * np.arange(T))
+        for c in range(1, T // 2 + 1):
+            for more in itertools.combinations(range(T), c + 1):
+                rest = [t for t in range(T) if t not in more]
+                for fewer in itertools.combinations(rest, c):
+                    assert w[list(more)].sum() > w[list(fewer)].sum()
+    assert recency_slope(45) * 44 < math.log1p(1 / 22)
+
+
+def test_bad_window_shapes_raise_clear_errors():
+    mix = CopyMixture(8, 8, positions=5)
+    state, keys, window, gen = random_inputs(T=7)
+    with pytest.raises(DataError, match="longer than the 5 positions"):
+        mix(state, keys, window, gen)
+    mix = CopyMixture(8, 8, positions=7)
+    with pytest.raises(DataError, match="window_location"):
+        mix(state, keys, window[:, :3], gen)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """An untrained ranking NextLocMoE (tiny backbone, no prompt) on the smoke city, with its popularity prior."""
+    cfg = load_config("smoke", overrides=["model.head=ranking", "model.use_prompt=false"])
+    windows = prepare(cfg.data, cache_dir=tmp_path_factory.mktemp("cache"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                        windows.history + windows.current).eval()
+    model.set_popularity_prior(Popularity("targets").fit(windows).counts)
+    return model, windows
+
+
+@torch.no_grad()
+def test_untrained_pointer_head_ranks_like_the_windows_most_frequent_place(untrained):
+    model, windows = untrained
+    batch = windows.batch("test", np.arange(min(256, windows.n_windows("test"))))
+    scores = model({k: torch.as_tensor(v) for k, v in batch.items()}).scores.numpy()   # (B, L) log p
+    baseline = UserMostFrequent().fit(windows).score(batch)                           # (B, L)
+    target = batch["target_location"]
+    ours, theirs = ranks_from_scores(scores, target), ranks_from_scores(baseline, target)
+
+    loc = input_locations(batch)                                                      # (B, T)
+    visits = np.stack([np.bincount(row, minlength=windows.n_locations) for row in loc])   # (B, L)
+    target_visits = visits[np.arange(len(target)), target]
+    # a target visited at most once: places seen more often rank above it in both, single visits by their only
+    # (= latest) position, unvisited places by popularity then id -- the same rank exactly
+    once = target_visits <= 1
+    assert once.any() and (~once).any()
+    np.testing.assert_array_equal(ours[once], theirs[once])
+    # every window: both orders put places by visit count first (ties of two or more visits may order differently:
+    # the baseline by the latest visit, the mixture by recency-weighted visits)
+    for b in range(len(target)):
+        n_visited = int((visits[b] > 0).sum())
+        ours_order = np.argsort(-scores[b], kind="stable")[:n_visited]
+        theirs_order = np.argsort(-baseline[b], kind="stable")[:n_visited]
+        np.testing.assert_array_equal(visits[b, ours_order], visits[b, theirs_order])
+    for k in (1, 5, 10):   # which is why the untrained model scores like the baseline
+        assert abs((ours <= k).mean() - (theirs <= k).mean()) <= 0.02
+
+
+def test_one_training_step_moves_the_query_the_gate_and_the_generator(untrained):
+    model, windows = untrained
+    model = model.train()
+    batch = {k: torch.as_tensor(v) for k, v in windows.batch("train", np.arange(16)).items()}
+    loss, parts = model.loss(model(batch), batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name in ("pointer.query.weight", "pointer.gate.weight", "head.query.weight", "head.candidate_bias"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_place_ids_outside_the_candidates_raise_a_clear_error():
+    mix = CopyMixture(8, 8, positions=7)
+    state, keys, window, gen = random_inputs()
+    with pytest.raises(DataError, match="ids of the 3 candidates"):
+        mix(state, keys, window, gen[:, :3])
