@@ -8,6 +8,7 @@ candidate).
 
     Popularity              how often each location is a training target (or a training record)
     LastLocation            the place of the window's last (current) record again
+    WindowCentroid          the candidates nearest the mean position of the window's records (a point predictor)
     UserMostFrequent        the most visited location of the window's own H + C input records
     UserHistoryFrequency    the most visited location of the user's training records
     Markov                  first-order transitions location -> next location, from the last current record
@@ -188,6 +189,32 @@ class LastLocation(WithPopularity):
         return scores
 
 
+class WindowCentroid(Baseline):
+    """A point predictor, the floor of the regression head: the mean position of the window's H + C records.
+
+    Candidates rank by distance to that point (nearest first), as the regression head's KD-tree ranks them
+    around its predicted point, so its distance error is the error of "predict the centroid".
+        score = -|| candidate - centroid ||   (metres)
+    The batch carries z-scored coordinates; the training statistics of `fit` turn them back into metres.
+    """
+
+    name = "window_centroid"
+
+    def fit(self, windows: Any, cfg: Any = None) -> "WindowCentroid":
+        self._start_fit(windows)
+        self.stats = windows.stats
+        self.candidates_xy = candidates_xy_of(windows)
+        return self
+
+    def score(self, batch: dict[str, Any]) -> np.ndarray:
+        self._check_fitted()
+        z = np.concatenate([_get(batch, "hist_xy"), _get(batch, "cur_xy")], axis=1).astype(np.float64)  # (B, T, 2)
+        s = self.stats
+        metres = np.stack([z[..., 0] * s.x_std + s.x_mean, z[..., 1] * s.y_std + s.y_mean], axis=-1)   # (B, T, 2)
+        centroid = metres.mean(axis=1)                                                     # (B, 2)
+        return -np.sqrt(((centroid[:, None, :] - self.candidates_xy[None]) ** 2).sum(-1))  # (B, L)
+
+
 class UserMostFrequent(WithPopularity):
     """The most frequent location among the window's H + C input records (the trivial personal baseline).
 
@@ -308,7 +335,10 @@ class NeuralBaselineConfig:
     heads: int = 4                       # attention heads (transformer only; must divide hidden_dim)
     dropout: float = 0.1                 # dropout inside the encoder and before the output layer
     causal: bool = True                  # transformer: each record attends to itself and earlier ones only
-    epochs: int = 5                      # passes over the (sub-sampled) training windows
+    epochs: int = 5                      # at most this many passes over the (sub-sampled) training windows
+    patience: int | None = None          # stop after this many epochs without a better validation Hit@10 and keep
+                                         # the best epoch's weights (None = no validation, train all epochs)
+    max_val_windows: int | None = 2000   # validation windows scored after each epoch when patience is set
     lr: float = 1e-3                     # Adam learning rate (Adam defaults otherwise)
     weight_decay: float = 0.0            # Adam L2 penalty
     batch_size: int = 128                # training windows per step
@@ -333,6 +363,8 @@ class NeuralBaselineConfig:
             ("grad_clip", self.grad_clip >= 0, "a norm >= 0 (0 = off)"),
             ("max_train_windows", self.max_train_windows is None or self.max_train_windows >= 1,
              "None or an integer >= 1"),
+            ("patience", self.patience is None or self.patience >= 1, "None or an integer >= 1"),
+            ("max_val_windows", self.max_val_windows is None or self.max_val_windows >= 1, "None or an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -446,6 +478,8 @@ class NeuralBaseline(Baseline):
         self.cfg = default(cfg, NeuralBaselineConfig()).validate(self.needs_heads)
         self.net: nn.Module | None = None
         self.loss_history: list[float] = []     # mean training cross-entropy per epoch
+        self.val_history: list[float] = []      # validation Hit@10 per epoch (with cfg.patience)
+        self.best_epoch: int | None = None      # the epoch whose weights are kept (1-based)
         self.step_losses: list[float] = []      # training cross-entropy per step
         self.fit_seconds: float | None = None
 
@@ -480,7 +514,12 @@ class NeuralBaseline(Baseline):
         n_train = train_windows.n_windows("train")
         n_positions = windows.history + windows.current
         rng = np.random.default_rng(cfg.seed)
-        self.loss_history, self.step_losses = [], []
+        self.loss_history, self.step_losses, self.val_history = [], [], []
+        best: dict[str, Any] | None = None      # the best validation epoch: hit, epoch, weights
+        val_windows = windows.subsample("val", cfg.max_val_windows, seed=cfg.seed) if cfg.patience else None
+        if val_windows is not None and val_windows.n_windows("val") == 0:
+            raise DataError(f"baseline '{self.name}': patience={cfg.patience} needs validation windows; the "
+                            "validation split is empty")
         start = time.perf_counter()
         fork_devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):    # seed locally, leave the caller's RNG alone
@@ -515,10 +554,28 @@ class NeuralBaseline(Baseline):
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}")
                 self.loss_history.append(epoch_loss / n_train)
+                if val_windows is not None:
+                    best = self._validate(val_windows, epoch, best)
+                    if epoch + 1 - best["epoch"] >= cfg.patience:
+                        break
             bar.close()
+            if best is not None:
+                self.net.load_state_dict(best["weights"])
+        self.best_epoch = best["epoch"] if best is not None else len(self.loss_history)
         self.net.eval()
         self.fit_seconds = time.perf_counter() - start
         return self
+
+    def _validate(self, val_windows: Any, epoch: int, best: dict[str, Any] | None) -> dict[str, Any]:
+        """Validation Hit@10 after `epoch` (0-based), appended to val_history; the better of `best` and now."""
+        self.net.eval()
+        hit = evaluate_baseline(self, val_windows, "val", desc=f"val {self.name}")["hit@10"]
+        self.net.train()
+        self.val_history.append(hit)
+        if best is None or hit > best["hit"]:
+            best = {"hit": hit, "epoch": epoch + 1,
+                    "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
+        return best
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any]) -> np.ndarray:
@@ -556,6 +613,7 @@ class TransformerPointer(TransformerClassifier):
 BASELINES: dict[str, type[Baseline]] = {
     "popularity": Popularity,
     "last_location": LastLocation,
+    "window_centroid": WindowCentroid,
     "user_most_frequent": UserMostFrequent,
     "user_history_frequency": UserHistoryFrequency,
     "markov": Markov,

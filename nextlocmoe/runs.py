@@ -25,13 +25,13 @@ from .runtime import pick_device
 
 
 def limited(windows: Windows, cfg: ExperimentConfig) -> Windows:
-    """The seeded subsamples of the train section's budget (max_train_windows, max_eval_windows); None = all."""
+    """The seeded subsamples of the train section's budget: max_train_windows, max_eval_windows (validation) and
+    max_test_windows (test; None = the validation cap); a cap of None keeps the whole split."""
     t = cfg.train
-    if t.max_train_windows is not None:
-        windows = windows.subsample("train", t.max_train_windows, seed=t.seed)
-    if t.max_eval_windows is not None:
-        for split in ("val", "test"):
-            windows = windows.subsample(split, t.max_eval_windows, seed=t.seed)
+    test_cap = t.max_test_windows if t.max_test_windows is not None else t.max_eval_windows
+    for split, cap in (("train", t.max_train_windows), ("val", t.max_eval_windows), ("test", test_cap)):
+        if cap is not None:
+            windows = windows.subsample(split, cap, seed=t.seed)
     return windows
 
 

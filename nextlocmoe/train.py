@@ -37,7 +37,7 @@ from .config import ExperimentConfig, training_dict
 from .data.prepare import prepare
 from .data.windows import Windows
 from .errors import NextLocMoEError
-from .evaluation import epoch_loader, evaluate
+from .evaluation import epoch_loader, evaluate, period_indices
 from .io import atomic_path, check_writable, provenance, remove_stale_temps, write_json_atomic, write_text_atomic
 from .model import build_model
 from .runs import limited, load_run, load_trainable_state, save_checkpoint, trainable_state
@@ -139,7 +139,12 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
         epoch_t0 = time.perf_counter()
         # Data order and dropout depend only on (seed, epoch): resuming reproduces them exactly.
         torch.manual_seed(tc.seed * 100_003 + epoch)
-        loader = accelerator.prepare(epoch_loader(windows, "train", tc.batch_size, seed=tc.seed * 100_003 + epoch))
+        if tc.windows_per_epoch is None:
+            loader = epoch_loader(windows, "train", tc.batch_size, seed=tc.seed * 100_003 + epoch)
+        else:   # a validation period: the next windows_per_epoch windows of a stream of seeded passes
+            indices = period_indices(windows.n_windows("train"), tc.windows_per_epoch, epoch, tc.seed)
+            loader = epoch_loader(windows, "train", tc.batch_size, seed=None, indices=indices)
+        loader = accelerator.prepare(loader)
         model.train()
         sums: dict[str, float] = {}
         n_batches = 0

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nextlocmoe.baselines import (BASELINES, LastLocation, LSTMClassifier, Markov, NeuralBaselineConfig, Popularity,
+from nextlocmoe.baselines import (BASELINES, LastLocation, WindowCentroid, LSTMClassifier, Markov, NeuralBaselineConfig, Popularity,
                                   TransformerClassifier, TransformerPointer, UserHistoryFrequency, UserMostFrequent,
                                   candidates_xy_of, evaluate_baseline, input_locations, make_baseline)
 from nextlocmoe.metrics import ranks_from_scores
@@ -136,6 +136,19 @@ def test_last_location_ranks_the_current_place_first_then_popularity(split):
     for b, row in enumerate(scores):
         last = int(batch["cur_location"][b, -1])
         assert order_from_scores(row) == [last] + [l for l in by_popularity if l != last]
+
+
+def test_window_centroid_ranks_by_distance_to_the_mean_position():
+    w = random_windows("chronological", seed=6)
+    model = WindowCentroid().fit(w)
+    batch = w.batch("test", np.arange(w.n_windows("test")))
+    scores = model.score(batch)
+    starts = w.starts["test"]
+    for b, s0 in enumerate(starts):
+        rows = range(int(s0), int(s0) + w.history + w.current)
+        centroid = np.array([np.mean([w.x[r] for r in rows]), np.mean([w.y[r] for r in rows])])
+        expected = [-float(np.hypot(*(c - centroid))) for c in candidates_xy_of(w)]
+        np.testing.assert_allclose(scores[b], expected, rtol=1e-6, atol=1e-3)
 
 
 @pytest.mark.parametrize("split", ["chronological", "user"])
@@ -319,3 +332,16 @@ def test_bad_data_raises_data_error():
     other = random_windows("user", seed=0, n_locations=12)
     with pytest.raises(DataError, match="candidate locations"):
         evaluate_baseline(model, other, "test")
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(successor_windows):
+    w = successor_windows
+    cfg = NeuralBaselineConfig(**{**TINY_NEURAL, "epochs": 8, "patience": 2})
+    model = TransformerClassifier(cfg).fit(w)
+    history = model.val_history
+    assert len(history) == len(model.loss_history) <= 8
+    best = int(np.argmax(history)) + 1                     # the first epoch reaching the maximum
+    assert model.best_epoch == best
+    assert len(history) == 8 or len(history) - best == 2   # stopped by patience, or ran every epoch
+    hit = evaluate_baseline(model, w.subsample("val", cfg.max_val_windows, seed=cfg.seed), "val")["hit@10"]
+    assert hit == history[best - 1]                        # the weights kept are that epoch's

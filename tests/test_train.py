@@ -2,12 +2,15 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
 from nextlocmoe.cli import main
 from nextlocmoe.config import load_config
 from nextlocmoe.data.prepare import prepare
+from nextlocmoe.errors import ConfigError
+from nextlocmoe.evaluation import period_indices
 from nextlocmoe.train import TrainingDiverged, evaluate_checkpoint, train
 
 
@@ -113,3 +116,29 @@ def test_non_finite_gradients_stop_before_the_step(smoke_cfg, smoke_windows, tmp
     with pytest.raises(TrainingDiverged, match="gradients became non-finite .* at epoch 1, step 1"):
         train(smoke_cfg, tmp_path, windows=smoke_windows)
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_training_periods_tile_a_stream_of_seeded_passes():
+    n, k = 10, 4
+    periods = [period_indices(n, k, p, seed=3) for p in range(5)]            # 20 windows = two passes
+    assert all(len(p) == k for p in periods)
+    stream = [i for p in periods for i in p]
+    first, second = stream[:n], stream[n:]
+    assert sorted(first) == sorted(second) == list(range(n)) and first != second   # each pass: every window once
+    assert first == torch.randperm(n, generator=torch.Generator().manual_seed(3 * 100_003)).tolist()
+    assert period_indices(n, k, 1, seed=3) == periods[1]                      # a period depends on its number only
+
+
+def test_windows_per_epoch_gives_one_validation_point_per_period(smoke_cfg, smoke_windows, tmp_path):
+    cfg = load_config("smoke", overrides=["train.epochs=3", "train.max_train_windows=96", "train.windows_per_epoch=32",
+                                          "train.max_eval_windows=48", "train.max_test_windows=20",
+                                          "train.early_stop_patience=10", "train.batch_size=16"])
+    result = train(cfg, tmp_path, windows=smoke_windows)
+    assert len(result.history) == 3 and result.test["n"] == 20 and result.val["n"] == min(48, smoke_windows.n_windows("val"))
+    per_epoch = pd.read_csv(tmp_path / "steps.csv").groupby("epoch").size()
+    assert per_epoch.tolist() == [2, 2, 2]                                   # 32 windows = 2 batches of 16 each
+
+
+def test_bad_budget_values_name_the_field():
+    with pytest.raises(ConfigError, match="train.windows_per_epoch"):
+        load_config("smoke", overrides=["train.windows_per_epoch=0"])

@@ -20,7 +20,8 @@ class SyntheticConfig:
 
     grid: int = 40                 # cells per side (HuMob: 200)
     cell_m: float = 500.0          # cell size in metres (HuMob: 500 m)
-    users: int = 200               # number of users, each with one of the 11 roles
+    users: int = 500               # number of users, each with one of the 11 roles (500: over 2,000 test
+                                   # windows under the user split, enough for +-2-point intervals)
     days: int = 28                 # days simulated, 48 half-hour slots each
     explore: float = 0.1           # probability that a visit goes to a random cell of the right function
     layout_seed: int = 0           # seed of the city layout (which cell has which function)

@@ -94,10 +94,16 @@ def run_config(cfg: ExperimentConfig, method: str, dataset: str | None = None) -
 
 
 def budget_text(train: TrainConfig) -> str:
-    """A training budget in words, e.g. "1 ep, 500 train / 200 eval" (windows; "all" = no subsample)."""
+    """A training budget in words, e.g. "3 x 500 train windows, 1000 val / 2000 test" ("all" = no subsample):
+    epochs x windows per epoch (a period of the stream, or a whole pass), validation and test windows."""
     def n(v: int | None) -> str:
         return "all" if v is None else str(v)
-    return f"{train.epochs} ep, {n(train.max_train_windows)} train / {n(train.max_eval_windows)} eval"
+    test = train.max_test_windows if train.max_test_windows is not None else train.max_eval_windows
+    if train.windows_per_epoch is not None:
+        seen = f"{train.epochs} x {train.windows_per_epoch} of {n(train.max_train_windows)} train windows"
+    else:
+        seen = f"{train.epochs} pass(es) over {n(train.max_train_windows)} train windows"
+    return f"{seen}, {n(train.max_eval_windows)} val / {n(test)} test"
 
 
 def resolve_config(profile: str, config_path: str | os.PathLike | None = None,

@@ -59,7 +59,7 @@ class DatasetHandle:
 
 def dataset_config(name: str, cfg: ExperimentConfig) -> DataConfig:
     """The profile's own data config when it has this source (so --set data.* applies), else the source's
-    defaults (the synthetic default city: 40 x 40 cells, 200 users, 28 days)."""
+    defaults (the synthetic default city: 40 x 40 cells, 500 users, 28 days)."""
     if name not in DATASET_SOURCES:
         raise ConfigError(f"dataset '{name}' is unknown; expected one of {list(DATASET_SOURCES)}")
     source = DATASET_SOURCES[name]

@@ -42,13 +42,16 @@ def _counting(name: str):
 
 
 def _neural(name: str):
-    return lambda plan, seed: BASELINES[name](NeuralBaselineConfig(epochs=plan.baseline_epochs, seed=seed))
+    return lambda plan, seed: BASELINES[name](NeuralBaselineConfig(epochs=plan.baseline_epochs,
+                                                                   patience=plan.baseline_patience, seed=seed))
 
 
 for _order, (_name, _label, _color, _make) in enumerate([
         ("popularity", "most popular training target, same for everyone", "#8a8a8a", _counting("popularity")),
         ("last_location", "the current place again (stay where you are; popularity for the rest)", "#b3a28a",
          _counting("last_location")),
+        ("window_centroid", "the places nearest the mean position of the window (the regression head's floor)",
+         "#c7b9a5", _counting("window_centroid")),
         ("user_most_frequent", "most frequent place of the window's own records (popularity breaks ties)",
          "#8c6d4f", _counting("user_most_frequent")),
         ("markov", "first-order transitions from the current place (smoothed, popularity prior)", "#b8b332",
@@ -94,18 +97,26 @@ def _budget(cfg: ExperimentConfig, *fields: str) -> dict[str, Any]:
 
 def baseline_job(runner: Runner, method: Method, data: DatasetHandle, cfg: ExperimentConfig,
                  variant: str = "default") -> dict[str, Any]:
-    """Fit a classical baseline on the (subsampled) training split and test it, like every other method."""
+    """Fit a classical baseline on plan.baseline_train_windows training windows (None = all; the neural ones stop
+    early on validation Hit@10) and test it on the same validation and test windows as every other method."""
     model = method.make(runner.plan, cfg.train.seed)
     baseline_cfg = getattr(model, "cfg", None)
-    key = {"data": data.fingerprint, "budget": _budget(cfg, "max_train_windows", "max_eval_windows", "seed"),
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             max_train_windows=runner.plan.baseline_train_windows))
+    key = {"data": data.fingerprint,
+           "budget": _budget(cfg, "max_train_windows", "max_eval_windows", "max_test_windows", "seed"),
            "baseline_config": baseline_cfg.to_dict() if hasattr(baseline_cfg, "to_dict") else None}
 
     def compute(job_dir: Path) -> dict[str, Any]:
         windows = limited(data.windows, cfg)
         model.fit(windows)
+        extra = {}
+        if hasattr(model, "loss_history"):   # the neural ones: their training curve and the epoch kept
+            extra = {"loss_history": model.loss_history, "val_history": model.val_history,
+                     "best_epoch": model.best_epoch, "fit_seconds": model.fit_seconds}
         return {"metrics": evaluate_baseline(model, windows, "test"),
                 "val": evaluate_baseline(model, windows, "val"),
-                "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")}}
+                "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")}, **extra}
 
     return runner.job(method.name, data.name, variant, key, compute)
 
@@ -177,7 +188,7 @@ class LLMMobRunner:
     def job(self, target: DatasetHandle, dataset_label: str, cfg: ExperimentConfig) -> dict[str, Any]:
         mob_cfg = self.config()
         key = {"backbone": self.backbone, "llm_mob": mob_cfg.to_dict(), "target": target.fingerprint,
-               "budget": _budget(cfg, "max_eval_windows", "seed")}
+               "budget": _budget(cfg, "max_eval_windows", "max_test_windows", "seed")}
 
         def compute(job_dir: Path) -> dict[str, Any]:
             mob = self.mob

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..runs import limited, load_run
 from ..runtime import pick_device
-from .core import Runner
+from .core import Runner, budget_text
 from .datasets import REGION_RULE, DatasetHandle, dataset_config, humob_config, region_handles, second_city
 from .methods import LLMMobRunner, model_job
 from .registry import get_method, register_experiment
@@ -54,7 +54,7 @@ def transfer_metrics(cfg: ExperimentConfig, model_dir: Path, source: Windows, ta
 
 
 def history_only_job(runner: Runner, target: DatasetHandle, label: str, cfg: ExperimentConfig) -> dict[str, Any]:
-    key = {"target": target.fingerprint, "budget": {k: getattr(cfg.train, k) for k in ("max_eval_windows", "seed")}}
+    key = {"target": target.fingerprint, "budget": {k: getattr(cfg.train, k) for k in ("max_eval_windows", "max_test_windows", "seed")}}
 
     def compute(job_dir: Path) -> dict[str, Any]:
         windows = limited(target.windows, cfg)
@@ -91,7 +91,8 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
         runner.datasets.setdefault(target.name, target)
         label = f"{source.name}->{target.name}"
         for method in methods:
-            cfg = runner.job_config(source.config, get_method(method).model_config(runner.cfg.model))
+            cfg = runner.job_config(source.config, get_method(method).model_config(runner.cfg.model),
+                                    plan.zero_shot_train)
             key = {"config": training_dict(cfg), "source": source.fingerprint, "target": target.fingerprint}
 
             def compute(job_dir: Path, cfg=cfg, source=source, target=target, extra=extra) -> dict[str, Any]:
@@ -106,7 +107,8 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
             if "region" in record["details"]:
                 regions[label] = record["details"]["region"]
         # what zero-shot gives up: the paper's model trained on the target itself
-        cfg = runner.job_config(target.config, get_method("nextlocmoe").model_config(runner.cfg.model))
+        cfg = runner.job_config(target.config, get_method("nextlocmoe").model_config(runner.cfg.model),
+                                plan.zero_shot_train)
         model_job(runner, "nextlocmoe", target, cfg, variant="trained on target", label=label)
         history_only_job(runner, target, label, cfg)   # a training-free floor: the window's own records
         if mob.answers_meaningfully:
@@ -127,4 +129,5 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
         "LLM-Mob: the generative backbone prompted with the visits as text; it answers a seeded subsample of the "
         "same test windows (its n is smaller); unparsable answers count as misses.",
         f"City halves: {REGION_RULE}.",
+        f"Every model here trains at the zero-shot budget ({budget_text(runner.job_config(synthetic, runner.cfg.model, plan.zero_shot_train).train)}).",
     ]
