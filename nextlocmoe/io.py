@@ -194,6 +194,27 @@ def git_sha(root: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+CODE_FILES = ("nextlocmoe/**/*.py", "benchmarks/*.py", "pyproject.toml", "constraints.txt")   # what makes results
+
+
+def code_hash(root: str | os.PathLike | None = None) -> str:
+    """sha256 (16 hex digits) over the library's source files (CODE_FILES: their paths and bytes, sorted).
+
+    Unlike the commit it does not move when only documentation, tests or outputs change, and it needs no git:
+    two results files with the same code hash were made by the same code, and `tests/test_results.py` checks
+    that every committed results file was made by the code of the checkout it lies in.
+    """
+    root = Path(root) if root else Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    files = sorted({path for pattern in CODE_FILES for path in root.glob(pattern) if path.is_file()})
+    for path in files:
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     out = {}
     for name in names:
@@ -233,6 +254,7 @@ def provenance(profile: str, seed: int | None = None, data_checksum: str | dict 
     """The stamp every results file carries: what code, data, machine and seed produced it."""
     return {
         "git_sha": git_sha(),
+        "code_hash": code_hash(),
         "profile": profile,
         "device": device_name(),
         "python": platform.python_version(),

@@ -132,7 +132,8 @@ def format_value(metric: str, value: float) -> str:
 INTERVAL_SUFFIXES = ("_lo", "_hi")  # metric + suffix: the bounds of its 95% interval (metrics.retrieval_metrics)
 INTERVAL_NOTE = ("Intervals: [lo, hi] after a Hit@k or MRR is its 95% confidence interval over the row's n test "
                  "windows: the Wilson score interval for Hit@k (one hit or miss per window), a percentile "
-                 "bootstrap over the test windows for MRR (1,000 resamples, fixed seed 0).")
+                 "bootstrap over the test windows for MRR (1,000 resamples, fixed seed 0). Both treat windows as "
+                 "independent; windows of one user overlap, so the true uncertainty is somewhat larger.")
 
 
 def is_interval_metric(metric: str) -> bool:

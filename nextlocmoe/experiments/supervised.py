@@ -100,6 +100,17 @@ def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
     return TrainedModel(method, dataset, cfg, runner.runs_dir / record["dir"], record, data.windows)
 
 
+NEXTLOCMOE_HEADS = ("nextlocmoe", "nextlocmoe_ranking")
+
+
+def best_supervised_model(profile: str, dataset: str, methods: tuple[str, ...] = NEXTLOCMOE_HEADS,
+                          **kwargs: Any) -> TrainedModel:
+    """Of `methods` (by default NextLocMoE with either head), the supervised model with the higher VALIDATION
+    Hit@10 on `dataset` (ties: the first); the routing analysis of notebook 06 studies this one."""
+    models = [supervised_model(profile, dataset, method, **kwargs) for method in methods]
+    return max(models, key=lambda m: m.record["val"]["hit@10"])   # max keeps the first of equal values
+
+
 def plan_datasets(profile: str, *, cache_dir: str | os.PathLike = ".cache/windows",
                   overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Windows]:
     """The windows of every dataset the profile's plan names, by name (built or read from the cache)."""
