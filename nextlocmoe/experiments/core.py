@@ -94,15 +94,17 @@ def run_config(cfg: ExperimentConfig, method: str, dataset: str | None = None) -
 
 
 def budget_text(train: TrainConfig) -> str:
-    """A training budget in words, e.g. "3 x 500 train windows, 1000 val / 2000 test" ("all" = no subsample):
-    epochs x windows per epoch (a period of the stream, or a whole pass), validation and test windows."""
+    """A training budget in words ("all" = no subsample): the epochs (periods of the stream, or whole passes)
+    over the training windows, then the validation and test windows, e.g.
+    "3 periods of 256 windows from 768 training windows, 250 val / 2000 test"."""
     def n(v: int | None) -> str:
         return "all" if v is None else str(v)
     test = train.max_test_windows if train.max_test_windows is not None else train.max_eval_windows
     if train.windows_per_epoch is not None:
-        seen = f"{train.epochs} x {train.windows_per_epoch} of {n(train.max_train_windows)} train windows"
+        seen = (f"{train.epochs} periods of {train.windows_per_epoch} windows from {n(train.max_train_windows)} "
+                "training windows")
     else:
-        seen = f"{train.epochs} pass(es) over {n(train.max_train_windows)} train windows"
+        seen = f"{train.epochs} pass(es) over {n(train.max_train_windows)} training windows"
     return f"{seen}, {n(train.max_eval_windows)} val / {n(test)} test"
 
 

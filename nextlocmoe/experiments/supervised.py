@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..io import provenance
 from ..metrics import metrics_table
 from ..results import markdown_table, write_results
-from .core import Runner, run_config
+from .core import Runner, budget_text, run_config
 from .methods import baseline_job, model_job
 from .registry import get_method, register_experiment
 from .registry import methods as registered_methods
@@ -43,9 +43,14 @@ def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[s
                 baseline_job(runner, method, data, runner.job_config(data.config, runner.cfg.model))
             else:
                 raise ConfigError(f"method '{method.name}' ({method.family}) cannot run in the supervised table")
+    plan, train = runner.plan, runner.cfg.train
+    baseline_windows = "all" if plan.baseline_train_windows is None else f"{plan.baseline_train_windows:,}"
     return [
-        "Every method sees the same windows, splits and candidates; training and test sets are the same seeded "
-        "subsamples (runs.limited) for all of them, so the column n is equal across a dataset's rows.",
+        "Every method sees the same splits and candidates and is validated and tested on the same seeded "
+        "subsamples (runs.limited), so the column n is equal across a dataset's rows.",
+        f"Training windows: the LLM-based models {budget_text(train)}; the classical baselines fit "
+        f"{baseline_windows} training windows (the neural ones at most {plan.baseline_epochs} epochs, early stopping "
+        f"on validation Hit@10 with patience {plan.baseline_patience}).",
         "nextlocmoe is the paper's method (regression head + KD-tree); nextlocmoe_ranking is this project's "
         "ranking head; nextlocllm is the NextLocLLM-style baseline (same backbone and prompt, regression head, "
         "no MoE and no router, a LoRA on every FFN).",

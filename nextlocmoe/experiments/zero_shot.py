@@ -128,6 +128,7 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
         "history only: the most frequent place of the window's own records, no training and no popularity prior.",
         "LLM-Mob: the generative backbone prompted with the visits as text; it answers a seeded subsample of the "
         "same test windows (its n is smaller); unparsable answers count as misses.",
-        f"City halves: {REGION_RULE}.",
+        f"City halves: {REGION_RULE}. A west -> east pair is a cross-REGION transfer within one city (both halves "
+        "share one venue set and one normalisation), not a transfer to another city.",
         f"Every model here trains at the zero-shot budget ({budget_text(runner.job_config(synthetic, runner.cfg.model, plan.zero_shot_train).train)}).",
     ]
