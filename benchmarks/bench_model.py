@@ -37,7 +37,7 @@ from nextlocmoe.model import build_model  # noqa: E402
 from nextlocmoe.runtime import median_seconds  # noqa: E402
 
 SETTINGS = {   # name -> (--set overrides, bf16 autocast)
-    "paper": ([], False),
+    "paper": (["model.prompt_reads_history=true"], False),
     "shared_prompt": (["model.prompt_reads_history=false"], False),
     "shared_bf16": (["model.prompt_reads_history=false"], True),
 }

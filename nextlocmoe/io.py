@@ -194,7 +194,7 @@ def git_sha(root: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
-CODE_FILES = ("nextlocmoe/**/*.py", "benchmarks/*.py", "pyproject.toml", "constraints.txt")   # what makes results
+CODE_FILES = ("nextlocmoe/**/*.py", "pyproject.toml", "constraints.txt")   # the code that makes the results tables
 
 
 def code_hash(root: str | os.PathLike | None = None) -> str:
