@@ -1,8 +1,12 @@
 """The Markdown rendering of results tables (nextlocmoe.results): intervals in the cell, a note saying which."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from nextlocmoe.io import code_hash
 from nextlocmoe.metrics import retrieval_metrics
 from nextlocmoe.results import INTERVAL_NOTE, format_interval, is_interval_metric, results_markdown
 
@@ -50,3 +54,17 @@ def test_tables_without_intervals_render_as_before():
     assert cells(markdown, "markov")["Hit@1"] == "0.1200" and "[" in cells(markdown, "lstm")["Hit@1"]
     assert format_interval("hit@1", 0.5, float("nan"), 0.6) == "0.5000"
     assert is_interval_metric("hit@10_lo") and is_interval_metric("mrr_hi") and not is_interval_metric("hit@10")
+
+
+def test_committed_results_were_made_by_this_code():
+    """Every table of the committed reproduction (results/*.json of a `nextlocmoe run` or `prepare`, not the
+    benchmarks, which are measured on their own) carries the code hash of the library it was made with; it must be
+    the hash of the code in this checkout, or the tables describe code that no longer exists."""
+    results = Path(__file__).resolve().parent.parent / "results"
+    stamps = {path.name: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))
+              if not path.name.startswith("bench_")}
+    assert stamps, "no committed results"
+    current = code_hash()
+    stale = {name: stamp.get("code_hash") for name, stamp in stamps.items() if stamp.get("code_hash") != current}
+    assert not stale, (f"results made by other code (code hash now {current}): {stale}; rerun `make reproduce` "
+                       "and commit results/, figures/ and notebooks/")
