@@ -381,6 +381,34 @@ def majority_top_expert(probs: np.ndarray) -> np.ndarray:
     return votes.argmax(axis=1).astype(np.int64)
 
 
+def nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out accuracy of a nearest-centroid classifier: each row is assigned the label whose mean
+    (computed without that row) is closest in Euclidean distance after z-scoring the columns (constant
+    columns dropped). features (N, F) float, labels (N,) hashable -> accuracy in [0, 1]; NaN for N < 2.
+
+    Unlike the NMI of a top-1 choice this reads the whole gate vector, so it still has a meaningful chance
+    level when every window picks the same top expert."""
+    x = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels, dtype=object)
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ConfigError(f"features must be (N, F) with one label per row; got {x.shape} and {len(labels)} labels")
+    if len(x) < 2:
+        return float("nan")
+    std = x.std(axis=0)
+    x = (x[:, std > 0] - x[:, std > 0].mean(axis=0)) / std[std > 0]
+    classes, y = np.unique(labels.astype(str), return_inverse=True)
+    counts = np.bincount(y, minlength=len(classes)).astype(np.float64)                   # (K,)
+    sums = np.zeros((len(classes), x.shape[1]))
+    np.add.at(sums, y, x)                                                               # (K, F)
+    dist = np.empty((len(x), len(classes)))
+    for k in range(len(classes)):
+        own = y == k
+        n = np.where(own, counts[k] - 1, counts[k])                                      # (N,)
+        centre = (sums[k][None, :] - np.where(own[:, None], x, 0.0)) / np.maximum(n, 1)[:, None]
+        dist[:, k] = np.where(n > 0, ((x - centre) ** 2).sum(axis=1), np.inf)
+    return float((dist.argmin(axis=1) == y).mean())
+
+
 def routing_alignment(sample: RoutingSample, shuffles: int = 20, seed: int = 0) -> dict[str, Any]:
     """How well the two routers recover the truth. Keys:
 
@@ -392,9 +420,14 @@ def routing_alignment(sample: RoutingSample, shuffles: int = 20, seed: int = 0) 
                            true category (NaN without the Location MoE or without known functions)
     function_chance        share of the most frequent true category among those tokens (always guessing it)
     n_function_tokens      how many current tokens have a known function
-    The NMI dicts are empty when the sample has no roles or no P-MoE.
+    role_decoding          {layer: leave-one-out nearest-centroid accuracy of the true role from the window's
+                           mean log gate over its current tokens (`nearest_centroid_accuracy`)}
+    role_decoding_shuffled {layer: the same with shuffled roles, the mean over `shuffles` permutations}
+    distinct_top_experts   {layer: how many experts are some current token's top-1}
+    The dicts are empty when the sample has no roles or no P-MoE.
     """
-    result: dict[str, Any] = {"n_windows_with_role": 0, "nmi_role_top_expert": {}, "nmi_shuffled": {}}
+    result: dict[str, Any] = {"n_windows_with_role": 0, "nmi_role_top_expert": {}, "nmi_shuffled": {},
+                              "role_decoding": {}, "role_decoding_shuffled": {}, "distinct_top_experts": {}}
     if sample.role is not None and sample.pmoe_probs is not None and sample.pmoe_layers:
         known = np.array([r is not None for r in sample.role], dtype=bool)              # (W,)
         roles = np.asarray(sample.role, dtype=object)[known]
@@ -408,6 +441,12 @@ def routing_alignment(sample: RoutingSample, shuffles: int = 20, seed: int = 0) 
                 result["nmi_role_top_expert"][int(layer)] = normalized_mutual_information(roles, top)
                 result["nmi_shuffled"][int(layer)] = float(np.mean(
                     [normalized_mutual_information(roles[perm], top) for perm in permutations])) if shuffles else np.nan
+                probs = sample.pmoe_probs[known][:, p][:, current]                          # (W_known, C, E)
+                gate = np.log(np.clip(probs, 1e-12, None)).mean(axis=1)                     # (W_known, E)
+                result["role_decoding"][int(layer)] = nearest_centroid_accuracy(gate, roles)
+                result["role_decoding_shuffled"][int(layer)] = float(np.mean(
+                    [nearest_centroid_accuracy(gate, roles[perm]) for perm in permutations])) if shuffles else np.nan
+                result["distinct_top_experts"][int(layer)] = int(len(np.unique(probs.argmax(axis=-1))))
     truth = sample.location_function.reshape(-1)                                         # (W * C,)
     known_function = truth >= 0
     result["n_function_tokens"] = int(known_function.sum())
@@ -452,13 +491,18 @@ def prediction_sample(sample: RoutingSample, n: int = 200) -> pd.DataFrame:
 def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
                           results_dir: str | os.PathLike = "results", *, role_dataset: str,
                           function_dataset: str, data_checksum: dict[str, Any] | None = None,
-                          seed: int = 0) -> dict[str, Path]:
+                          seed: int = 0, threshold: float = 0.8) -> dict[str, Path]:
     """results/expert_routing.{csv,md,json}: the alignment of both routers with the truth, in numbers.
 
     Rows (tidy: dataset, router, layer, metric, value): for `role_dataset`, NMI between the true role and
-    each window's dominant role expert per P-MoE layer, beside its shuffled-role chance level; for
+    each window's dominant role expert per P-MoE layer and the role's decodability from the window's gate vector
+    (leave-one-out nearest centroid), each beside its shuffled-role chance level, and the number of distinct
+    top experts; for
     `function_dataset`, the accuracy of the top function expert against the true venue category beside the
-    share of the most frequent category; for both, the mean number of role experts kept per token.
+    share of the most frequent category; for both, per P-MoE layer over the trajectory tokens: the mean number
+    of role experts kept, their mean summed probability (the mass the mixture keeps; not renormalised), the
+    share of tokens whose kept mass reaches `threshold` (routing's; the rest hit the cap of experts) and the largest expert's share
+    of top-1 choices (1/11 = 0.09 when balanced, 1 when collapsed).
     """
     for name in (role_dataset, function_dataset):
         if name not in samples:
@@ -470,6 +514,12 @@ def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
                      "metric": "nmi(role, top expert)", "value": nmi})
         rows.append({"dataset": role_dataset, "router": "personalized", "layer": layer,
                      "metric": "nmi chance (shuffled roles)", "value": role["nmi_shuffled"][layer]})
+        rows.append({"dataset": role_dataset, "router": "personalized", "layer": layer,
+                     "metric": "role decoding from gates", "value": role["role_decoding"][layer]})
+        rows.append({"dataset": role_dataset, "router": "personalized", "layer": layer,
+                     "metric": "decoding chance (shuffled roles)", "value": role["role_decoding_shuffled"][layer]})
+        rows.append({"dataset": role_dataset, "router": "personalized", "layer": layer,
+                     "metric": "distinct top experts", "value": float(role["distinct_top_experts"][layer])})
     fn = routing_alignment(samples[function_dataset], seed=seed)
     rows.append({"dataset": function_dataset, "router": "location", "layer": "embedding",
                  "metric": "top function expert accuracy", "value": fn["function_accuracy"]})
@@ -479,10 +529,21 @@ def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
         sample = samples[name]
         if sample.pmoe_selected is None:
             continue
-        kept = sample.pmoe_selected[:, :, sample.token_kind != "prompt"].sum(-1)            # (W, P, H + C)
+        trajectory = sample.token_kind != "prompt"
+        selected = sample.pmoe_selected[:, :, trajectory]                                    # (W, P, H + C, E)
+        probs = sample.pmoe_probs[:, :, trajectory]                                         # (W, P, H + C, E)
+        kept = selected.sum(-1)                                                              # (W, P, H + C)
+        mass = (probs * selected).sum(-1)                                                    # (W, P, H + C)
         for i, layer in enumerate(sample.pmoe_layers):
-            rows.append({"dataset": name, "router": "personalized", "layer": layer,
-                         "metric": "mean experts per token", "value": float(kept[:, i].mean())})
+            top = probs[:, i].argmax(-1).reshape(-1)                                         # (W (H + C),)
+            load = np.bincount(top, minlength=probs.shape[-1]) / top.size                    # (E,)
+            for metric, value in (("mean experts per token", kept[:, i].mean()),
+                                  ("mean kept mass", mass[:, i].mean()),
+                                  (f"share of tokens whose kept mass reaches {threshold:g}",
+                                   (mass[:, i] >= threshold - 1e-6).mean()),
+                                  ("largest top-1 expert load", load.max())):
+                rows.append({"dataset": name, "router": "personalized", "layer": layer, "metric": metric,
+                             "value": float(value)})
     table = pd.DataFrame(rows, columns=["dataset", "router", "layer", "metric", "value"])
     shown = table.assign(value=table["value"].map(lambda v: f"{v:.3f}"))
     return write_results(results_dir, "expert_routing", table, markdown_table(shown), provenance(

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .model.heads import log_popularity_prior
 from .model.pointer import CopyMixture
 from .utils import as_numpy, default, exists
 
@@ -339,6 +340,8 @@ class NeuralBaselineConfig:
     patience: int | None = None          # stop after this many epochs without a better validation Hit@10 and keep
                                          # the best epoch's weights (None = no validation, train all epochs)
     max_val_windows: int | None = 2000   # validation windows scored after each epoch when patience is set
+    pointer_gate_init: str = "repeat_rate"  # transformer_pointer's copy gate at the start: "repeat_rate" (the training
+                                         # share of targets inside their window) or "baseline" (the exact floor)
     lr: float = 1e-3                     # Adam learning rate (Adam defaults otherwise)
     weight_decay: float = 0.0            # Adam L2 penalty
     batch_size: int = 128                # training windows per step
@@ -365,6 +368,7 @@ class NeuralBaselineConfig:
              "None or an integer >= 1"),
             ("patience", self.patience is None or self.patience >= 1, "None or an integer >= 1"),
             ("max_val_windows", self.max_val_windows is None or self.max_val_windows >= 1, "None or an integer >= 1"),
+            ("pointer_gate_init", self.pointer_gate_init in ("repeat_rate", "baseline"), "'repeat_rate' or 'baseline'"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -451,10 +455,9 @@ class TransformerPointerNet(TransformerNet):
     @torch.no_grad()
     def start_at_popularity(self, counts: np.ndarray) -> None:
         """Generator = the popularity prior alone (zero weights, log-frequency biases), as in the ranking head."""
-        counts = torch.as_tensor(np.asarray(counts, dtype=np.float64), dtype=torch.float32)
-        prior = torch.log((counts + 1) / (counts.sum() + len(counts)))
+        prior = log_popularity_prior(torch.as_tensor(np.asarray(counts, dtype=np.float64), dtype=torch.float32))
         self.classifier.weight.zero_()
-        self.classifier.bias.copy_((prior - prior.mean()).to(self.classifier.bias.device))
+        self.classifier.bias.copy_(prior.to(self.classifier.bias.device))
 
     def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
         states = self.norm(self.encode(location, weekday, hour))                 # (B, T, D)
@@ -525,8 +528,10 @@ class NeuralBaseline(Baseline):
         with torch.random.fork_rng(devices=fork_devices):    # seed locally, leave the caller's RNG alone
             torch.manual_seed(cfg.seed)
             self.net = type(self).network(self.n_locations, n_positions, cfg)
-            if hasattr(self.net, "start_at_popularity"):      # the pointer variant starts at the baseline floor
+            if hasattr(self.net, "start_at_popularity"):    # the pointer variant: generator at popularity,
                 self.net.start_at_popularity(Popularity("targets").fit(windows).counts)
+                if cfg.pointer_gate_init == "repeat_rate":      # gate at the repeat rate (model/pointer.py)
+                    self.net.pointer.set_copy_rate(train_windows.repeat_rate("train"))
             self.net = self.net.to(self.device)
             optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             steps_per_epoch = -(-n_train // cfg.batch_size)

@@ -245,6 +245,19 @@ def show_table(path: str | os.PathLike) -> None:
     display(_MarkdownTable(path.read_text()))
 
 
+def show_walkthrough(walk: Any, steps: list[str] | None = None, max_rows: int = 60) -> None:
+    """Display a `walkthrough.Walkthrough` step by step: the equation, the tensors' shapes, a note, the table."""
+    from IPython.display import Markdown, display
+    chosen = [s for s in walk.steps if steps is None or s.name in steps]
+    for step in chosen:
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in step.shapes.items())
+        text = f"**{step.name}** · `{step.equation}`" + (f"  \nshapes: {shapes}" if shapes else "") + \
+               (f"  \n{step.note}" if step.note else "")
+        display(Markdown(text))
+        if step.table is not None:
+            display(step.table.head(max_rows))
+
+
 def _outputs_text(cell: dict[str, Any], mime: str) -> list[str]:
     texts = []
     for out in cell.get("outputs", []):

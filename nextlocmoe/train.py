@@ -105,6 +105,8 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
                         windows.history + windows.current)
     model.set_popularity_prior(Popularity("targets").fit(windows).counts)   # ranking head: starts at popularity
+    if cfg.model.pointer_gate_init == "repeat_rate":                        # copy gate: at the repeat rate
+        model.set_copy_rate(windows.repeat_rate("train"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.plateau_factor,

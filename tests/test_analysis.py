@@ -14,7 +14,8 @@ import torch
 
 from nextlocmoe.analysis import (RoutingSample, active_experts_per_token, collect_routing, entropy_over_training,
                                  expert_activation_by_role, function_gate_by_category,
-                                 majority_top_expert, normalized_mutual_information, prediction_sample,
+                                 majority_top_expert, nearest_centroid_accuracy, normalized_mutual_information,
+                                 prediction_sample,
                                  routing_alignment, write_routing_summary)
 from nextlocmoe.config import load_config
 from nextlocmoe.data.prepare import prepare
@@ -364,6 +365,52 @@ def test_routing_alignment_hand_case():
     assert again["n_windows_with_role"] == 4 and again["nmi_role_top_expert"][5] == pytest.approx(1.0)
 
 
+def brute_force_nearest_centroid(x, labels):
+    """Leave-one-out nearest centroid by refitting without each row (the columns z-scored once, up front)."""
+    x = np.asarray(x, float)
+    keep = x.std(0) > 0
+    x = (x[:, keep] - x[:, keep].mean(0)) / x[:, keep].std(0)
+    labels = np.asarray(labels).astype(str)
+    right = 0
+    for i in range(len(x)):
+        rest = np.arange(len(x)) != i
+        best, best_d = None, np.inf
+        for c in sorted(set(labels[rest])):
+            d = ((x[i] - x[rest][labels[rest] == c].mean(0)) ** 2).sum()
+            if d < best_d:
+                best, best_d = c, d
+        right += best == labels[i]
+    return right / len(x)
+
+
+def test_nearest_centroid_accuracy_equals_refitting_without_each_row():
+    rng = np.random.default_rng(0)
+    labels = np.array(list("AABBBCCCCD"), dtype=object)        # D alone: its left-out row has no centroid
+    x = rng.normal(size=(10, 4))
+    x[:, 0] += np.array([0 if l == "A" else 3 if l == "B" else 6 for l in labels])
+    x[:, 3] = 1.0                                             # a constant column is dropped
+    assert nearest_centroid_accuracy(x, labels) == pytest.approx(brute_force_nearest_centroid(x, labels))
+    separable = np.repeat(np.eye(3), 4, axis=0) + rng.normal(scale=0.01, size=(12, 3))
+    assert nearest_centroid_accuracy(separable, np.repeat(list("abc"), 4)) == 1.0
+    with pytest.raises(ConfigError, match="one label per row"):
+        nearest_centroid_accuracy(x, labels[:5])
+
+
+def test_role_decoding_has_a_chance_level_when_every_window_picks_the_same_expert():
+    result = routing_alignment(hand_sample(), shuffles=5)
+    assert result["distinct_top_experts"] == {5: 3, 7: 1}
+    assert result["role_decoding"][5] == 1.0                 # current tokens' gates differ by role
+    assert result["nmi_role_top_expert"][7] == 0.0           # layer 7: one expert for all, and no variation
+    assert 0.0 <= result["role_decoding_shuffled"][5] < 1.0
+    collapsed = hand_sample()
+    collapsed.pmoe_probs[:, 1, :] = [0.8, 0.1, 0.1]
+    for w in range(collapsed.n_windows):                      # same top expert everywhere, role in the margin
+        collapsed.pmoe_probs[w, 1, 1:, 1 + "ABC".index(collapsed.role[w]) % 2] += 0.01 * (1 + "ABC".index(collapsed.role[w]))
+    again = routing_alignment(collapsed, shuffles=5)
+    assert again["distinct_top_experts"][7] == 1 and again["nmi_role_top_expert"][7] == 0.0
+    assert again["role_decoding"][7] == 1.0 > again["role_decoding_shuffled"][7]
+
+
 def test_routing_alignment_on_a_model_sample(regression_run):
     result = routing_alignment(regression_run["sample"])
     assert set(result["nmi_role_top_expert"]) == {1, 3}
@@ -385,6 +432,8 @@ def test_routing_summary_table_carries_the_alignment_and_expert_counts(regressio
         counts = [int(sample.pmoe_selected[w, i, t].sum()) for w in range(sample.n_windows)
                   for t in np.flatnonzero(not_prompt)]
         assert kept[layer] == pytest.approx(np.mean(counts))
+    decoding = table[table["metric"] == "role decoding from gates"].set_index("layer")["value"].rename(index=int)
+    assert decoding.to_dict() == pytest.approx({int(k): v for k, v in alignment["role_decoding"].items()})
     accuracy = table.loc[table["metric"] == "top function expert accuracy", "value"].item()
     assert accuracy == pytest.approx(alignment["function_accuracy"])
     assert json.loads(paths["json"].read_text())["data_checksum"] == {"synthetic": "abc"}

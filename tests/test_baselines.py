@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+import math
 
 import numpy as np
 import pandas as pd
@@ -275,7 +276,8 @@ def test_neural_baseline_learns_a_pattern_popularity_cannot(cls, successor_windo
 
 def test_transformer_pointer_starts_like_the_windows_most_frequent_place():
     w = random_windows("chronological", seed=5, n_locations=30)
-    model = TransformerPointer(NeuralBaselineConfig(**{**TINY_NEURAL, "epochs": 1, "lr": 1e-12})).fit(w)
+    model = TransformerPointer(NeuralBaselineConfig(**{**TINY_NEURAL, "epochs": 1, "lr": 1e-12,
+                                                        "pointer_gate_init": "baseline"})).fit(w)
     batch = w.batch("test", np.arange(w.n_windows("test")))
     target = batch["target_location"]
     ours = ranks_from_scores(model.score(batch), target)
@@ -286,6 +288,15 @@ def test_transformer_pointer_starts_like_the_windows_most_frequent_place():
     np.testing.assert_array_equal(ours[once], theirs[once])
     probabilities = np.exp(model.score(batch)).sum(1)  # the scores are log-probabilities
     np.testing.assert_allclose(probabilities, 1.0, atol=1e-5)
+
+
+def test_transformer_pointer_gate_starts_at_the_training_repeat_rate():
+    w = random_windows("chronological", seed=5, n_locations=30)
+    model = TransformerPointer(NeuralBaselineConfig(**{**TINY_NEURAL, "epochs": 1, "lr": 1e-12})).fit(w)
+    rate = w.subsample("train", TINY_NEURAL.get("max_train_windows"), seed=0).repeat_rate("train")
+    assert float(model.net.pointer.gate.bias.detach()) == pytest.approx(math.log(rate / (1 - rate)), abs=1e-5)
+    with pytest.raises(ConfigError, match="pointer_gate_init"):
+        NeuralBaselineConfig(pointer_gate_init="always").validate()
 
 
 def test_neural_fit_is_deterministic_and_leaves_global_rng_alone(successor_windows):

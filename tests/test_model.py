@@ -373,9 +373,30 @@ def test_ranking_loss_parts_match_a_brute_force_computation():
         d = np.linalg.norm(xy - batch["target_xy"][b].double().numpy(), axis=1)
         expected_distance += float((p.numpy() * d).sum()) / 3
     entropy = np.mean([o.entropy.item() for o in out.personalized])
+    # imbalance, from the gate probabilities directly: ln E - H(mean over the batch's tokens of the gate)
+    imbalance = 0.0
+    for o in out.personalized:
+        mean = o.gate_probs.detach().double().reshape(-1, o.gate_probs.shape[-1]).mean(0).numpy()
+        imbalance += (math.log(len(mean)) + float((mean * np.log(mean)).sum())) / len(out.personalized)
     assert float(parts["cross_entropy"]) == pytest.approx(ce, rel=1e-4)
     assert float(parts["expected_distance_m"]) == pytest.approx(expected_distance, rel=1e-4)
-    assert loss.item() == pytest.approx(ce + 2.0 * entropy + 0.01 * expected_distance, rel=1e-4)
+    assert float(parts["pmoe_imbalance"]) == pytest.approx(imbalance, rel=1e-4, abs=1e-7)
+    beta = model.cfg.balance_weight
+    assert loss.item() == pytest.approx(ce + 2.0 * (entropy + beta * imbalance) + 0.01 * expected_distance, rel=1e-4)
+
+
+def test_routing_term_is_ln_e_minus_the_mutual_information_of_token_and_expert():
+    from nextlocmoe.model.nextlocmoe import routing_imbalance
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], [[0.3, 0.3, 0.4], [0.6, 0.3, 0.1]]])   # (B, T, E)
+    tokens = probs.reshape(-1, 3).double()
+    mean = tokens.mean(0)
+    information = float(-(mean * mean.log()).sum() + (tokens * tokens.log()).sum(-1).mean())   # H(mean) - mean H
+    entropy = float(-(tokens * tokens.log()).sum(-1).mean())
+    assert entropy + float(routing_imbalance(probs)) == pytest.approx(math.log(3) - information, rel=1e-5)
+    assert float(routing_imbalance(torch.full((2, 4, 5), 0.2))) == pytest.approx(0.0, abs=1e-6)
+    one_expert = torch.zeros(2, 4, 5)
+    one_expert[..., 3] = 1.0
+    assert float(routing_imbalance(one_expert)) == pytest.approx(math.log(5), rel=1e-5)
 
 
 @torch.no_grad()

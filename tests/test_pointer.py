@@ -148,3 +148,33 @@ def test_place_ids_outside_the_candidates_raise_a_clear_error():
     state, keys, window, gen = random_inputs()
     with pytest.raises(DataError, match="ids of the 3 candidates"):
         mix(state, keys, window, gen[:, :3])
+
+
+def test_repeat_rate_is_the_share_of_targets_inside_their_window(untrained):
+    _, windows = untrained
+    for split in ("train", "test"):
+        batch = windows.batch(split, np.arange(windows.n_windows(split)))
+        records = input_locations(batch)                                            # (W, T)
+        inside = [t in set(row.tolist()) for row, t in zip(records, batch["target_location"])]
+        assert windows.repeat_rate(split) == pytest.approx(np.mean(inside))
+
+
+def test_copy_rate_starts_the_gate_there_and_keeps_probabilities_normalised():
+    mix = CopyMixture(8, 8, positions=7)
+    state, keys, window, gen = random_inputs(T=7)
+    mix.set_copy_rate(0.63)
+    g = torch.sigmoid(mix.gate_logit(state))                                        # w = 0: the bias alone
+    torch.testing.assert_close(g, torch.full_like(g, 0.63))
+    torch.testing.assert_close(mix(state, keys, window, gen).exp().sum(-1), torch.ones(len(state)))
+    mix.set_copy_rate(1.0)                                                          # clipped, still finite
+    assert torch.isfinite(mix.gate.bias).all()
+    with pytest.raises(DataError, match="not a probability"):
+        mix.set_copy_rate(1.5)
+
+
+def test_log_popularity_prior_makes_the_softmax_proportional_to_smoothed_counts():
+    from nextlocmoe.model.heads import log_popularity_prior
+    counts = torch.tensor([0.0, 3.0, 1.0, 10.0])
+    prior = log_popularity_prior(counts)
+    torch.testing.assert_close(prior.softmax(-1), (counts + 1) / (counts + 1).sum())
+    assert abs(float(prior.mean())) < 1e-6

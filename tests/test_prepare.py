@@ -236,6 +236,8 @@ def test_dataset_statistics_and_files(humob, tmp_path, capsys):
         assert row[f"windows {split}"] == len(w.starts[split])
     assert (row["history"], row["current"], row["split"]) == (6, 3, "user 70/10/20")
     assert df.iloc[1]["dataset"] == "synthetic" and df.iloc[1]["locations"] == 100
+    assert row["test targets inside their window"] == pytest.approx(round(w.repeat_rate("test"), 3))
+    assert 0.0 <= df.iloc[1]["test targets inside their window"] <= 1.0
 
     paths = write_dataset_statistics(df, results_dir=tmp_path / "results", profile="test")
     back = pd.read_csv(paths["csv"])

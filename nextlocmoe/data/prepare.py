@@ -190,7 +190,8 @@ def _split_protocol(cfg: dict[str, Any]) -> str:
 
 
 def dataset_statistics(windows_list: list[Windows]) -> pd.DataFrame:
-    """One row per dataset: users, sub-users, records, locations, windows per split and the protocol.
+    """One row per dataset: users, sub-users, records, locations, windows per split, the protocol and the share
+    of test targets found inside their own window (`Windows.repeat_rate`).
 
     `users` and `records` count what the source loaded; `sub-users` and `records in sub-users` count what
     survives cutting at `gap_hours` and dropping short segments (paper, Kumamoto: 17,965 sub-users).
@@ -213,6 +214,9 @@ def dataset_statistics(windows_list: list[Windows]) -> pd.DataFrame:
             "stride": cfg.get("stride"),
             "keep every": cfg.get("keep_every"),
             "split": _split_protocol(cfg) if cfg else "?",
+            # share of test targets that their own 45-record window holds: the ceiling of any copy-based
+            # prediction and where the "most frequent place" baseline gets all its accuracy
+            "test targets inside their window": round(w.repeat_rate("test"), 3) if w.n_windows("test") else None,
         })
     df = pd.DataFrame(rows)
     df.attrs["data_checksum"] = {w.meta.get("dataset", "?"): w.meta.get("checksum") for w in windows_list}

@@ -117,6 +117,16 @@ class Windows:
         """(W_split,) int64 flat index of each window's target record."""
         return self._split(split) + self.history + self.current
 
+    def repeat_rate(self, split: str) -> float:
+        """Fraction of the split's windows whose target place is one of the window's own records (the mass a
+        copy mixture can reach; model/pointer.py starts its gate there)."""
+        s = self._split(split)
+        if len(s) == 0:
+            raise ConfigError(f"split '{split}' has no windows; the repeat rate needs at least one")
+        records = self.location[s[:, None] + np.arange(self.history + self.current)]   # (W, H + C)
+        target = self.location[s + self.history + self.current]                       # (W,)
+        return float((records == target[:, None]).any(axis=1).mean())
+
     def batch(self, split: str, idx: np.ndarray | list[int] | slice) -> dict[str, np.ndarray]:
         """Gather windows `idx` of `split` into model-ready numpy arrays (one fancy-index per field)."""
         s = np.asarray(self._split(split)[idx], dtype=np.int64).reshape(-1)          # (B,)

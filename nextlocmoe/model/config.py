@@ -70,6 +70,9 @@ class ModelConfig:
     head: str = "regression"         # "regression" (paper: point + KD-tree) or "ranking" (ours: scores candidates)
     entropy_weight: float = 300.0    # lambda on the mean P-MoE gate entropy, regression loss (reference 300)
     ranking_entropy_weight: float = 1.0  # lambda with the ranking head (ours: CE is in nats, not metres)
+    balance_weight: float = 1.0      # ours, beta: the routing term is lambda * (H + beta * (ln E - H(batch-mean gate)));
+                                     # beta = 1 makes it lambda * (ln E - I(token; expert)), sharp gates that differ
+                                     # between tokens instead of one expert for all; 0 = the paper's loss (docs §5.2)
     ranking_distance_weight: float = 0.0  # weight of the expected distance (metres) beside CE (ours; 0 = off)
     ranking_dim: int = 256           # width of candidate embeddings and of the query (ours)
     ranking_fourier_features: int = 64  # random Fourier frequencies of candidate coordinates (ours)
@@ -78,6 +81,9 @@ class ModelConfig:
     ranking_pointer: bool = True     # ours: mix the candidate softmax with a copy distribution over the window's own
                                      # places (model/pointer.py); starts ranking like the window's most frequent place
     pointer_dim: int = 64            # width of the copy attention's queries and keys (ours)
+    pointer_gate_init: str = "repeat_rate"  # copy gate at the start of training: "repeat_rate" (the training share
+                                     # of targets inside their window) or "baseline" (g ~ 1: exactly the most frequent
+                                     # place's ranking); model/pointer.py
 
     def __post_init__(self) -> None:
         if isinstance(self.pmoe_layers, list):
@@ -123,11 +129,13 @@ class ModelConfig:
              "use_personalized_moe=False)"),
             ("entropy_weight", self.entropy_weight >= 0, "a weight >= 0"),
             ("ranking_entropy_weight", self.ranking_entropy_weight >= 0, "a weight >= 0"),
+            ("balance_weight", self.balance_weight >= 0, "a weight >= 0"),
             ("ranking_distance_weight", self.ranking_distance_weight >= 0, "a weight >= 0"),
             ("ranking_dim", self.ranking_dim >= 1, "an integer >= 1"),
             ("ranking_fourier_features", self.ranking_fourier_features >= 0, "an integer >= 0"),
             ("ranking_fourier_max_scale", self.ranking_fourier_max_scale > 0, "a frequency > 0"),
             ("pointer_dim", self.pointer_dim >= 1, "an integer >= 1"),
+            ("pointer_gate_init", self.pointer_gate_init in ("repeat_rate", "baseline"), "'repeat_rate' or 'baseline'"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -45,6 +45,14 @@ def _stat(stats: Any, name: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # regression (the paper's head)
 
+
+def log_popularity_prior(counts: torch.Tensor) -> torch.Tensor:
+    """Centred log visit frequencies, add-one smoothed: the bias that makes a softmax rank by popularity.
+    counts (L,) -> (L,) float32 with mean 0 (the ranking head's and the transformer pointer's start)."""
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    prior = torch.log((counts + 1) / (counts.sum() + counts.numel()))
+    return prior - prior.mean()
+
 class RegressionHead(nn.Module):
     """Paper Sec. 4.4: Linear(D -> 2) on the prediction state, de-normalised with the training statistics.
 
@@ -168,5 +176,4 @@ class RankingHead(nn.Module):
         counts = torch.as_tensor(counts, dtype=torch.float32, device=self.candidate_bias.device)
         if counts.shape != self.candidate_bias.shape:
             raise DataError(f"popularity counts must have shape ({self.num_candidates},), got {tuple(counts.shape)}")
-        prior = torch.log((counts + 1) / (counts.sum() + self.num_candidates))
-        self.candidate_bias.copy_(prior - prior.mean())
+        self.candidate_bias.copy_(log_popularity_prior(counts))

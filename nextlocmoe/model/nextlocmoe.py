@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -115,6 +116,19 @@ class PrefixCache:
         B = keys.shape[0]
         return (torch.cat([prompt_keys.expand(B, -1, -1, -1), keys], dim=2),          # (B, kv_heads, P + S, hd)
                 torch.cat([prompt_values.expand(B, -1, -1, -1), values], dim=2))
+
+
+def routing_imbalance(gate_probs: torch.Tensor) -> torch.Tensor:
+    """ln E - H(mean gate): 0 when the batch's tokens use the E experts equally on average, ln E when they
+    all put their mass on the same one. gate_probs (B, T, E) -> () float32.
+
+    The paper's entropy term H (mean over tokens of each gate's entropy) sharpens each token's gate; on its
+    own it is minimised fastest by one expert for every token (a shared bias), which is what the gates here
+    did within ten steps. H + imbalance = ln E - (H(mean gate) - H) = ln E - I(token; expert): penalising both
+    rewards sharp gates only where different tokens pick different experts, i.e. where routing reads the
+    input (Switch-style load balancing in entropy form; docs/design.md §5.2)."""
+    mean = gate_probs.float().reshape(-1, gate_probs.shape[-1]).mean(0)               # (E,)
+    return math.log(mean.numel()) + (mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def concat_moe_outputs(first: MoEOutput, second: MoEOutput) -> MoEOutput:
@@ -396,6 +410,12 @@ class NextLocMoE(nn.Module):
         if self.cfg.head == "ranking":
             self.head.set_popularity_prior(torch.as_tensor(np.asarray(counts), dtype=torch.float32))
 
+    @torch.no_grad()
+    def set_copy_rate(self, rate: float) -> None:
+        """Start the copy mixture's gate at `rate`, the share of targets inside their window (no-op without it)."""
+        if self.pointer is not None:
+            self.pointer.set_copy_rate(rate)
+
     def candidate_location_embeddings(self) -> torch.Tensor:
         """(L, 128) function-aware embeddings of all candidates, by the same encoder as the current tokens."""
         z = self.head.candidates_z                                                     # (L, 2)
@@ -425,6 +445,8 @@ class NextLocMoE(nn.Module):
     def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Paper Sec. 4.4: mean distance in metres + lambda * mean P-MoE gate entropy (regression head);
         cross-entropy over candidates (+ optional expected distance) + the same entropy term (ranking head).
+        Ours: the entropy term becomes lambda * (H + beta * imbalance), beta = model.balance_weight and imbalance
+        = `routing_imbalance`; at beta = 1 that is lambda * (ln E - I(token; expert)), each averaged over layers.
 
         Returns (loss, parts): parts are detached scalars for logging.
         """
@@ -432,23 +454,25 @@ class NextLocMoE(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         if out.personalized:
             entropy = torch.stack([o.entropy.float() for o in out.personalized]).mean()
+            imbalance = torch.stack([routing_imbalance(o.gate_probs) for o in out.personalized]).mean()
         else:
-            entropy = torch.zeros((), device=self.device)
+            entropy = imbalance = torch.zeros((), device=self.device)
         if cfg.head == "regression":
             target = batch["target_xy"].to(out.pred_xy.device, torch.float32)              # (B, 2) metres
             distance = torch.linalg.vector_norm(out.pred_xy - target, dim=-1)              # (B,)
             main = parts["distance_m"] = distance.mean()
-            total = main + cfg.entropy_weight * entropy
+            total = main + cfg.entropy_weight * (entropy + cfg.balance_weight * imbalance)
         else:
             target = batch["target_location"].to(out.scores.device)                        # (B,)
             # with the copy mixture the scores are already log p: log_softmax leaves them unchanged (NLL)
             main = parts["cross_entropy"] = F.cross_entropy(out.scores.float(), target)
-            total = main + cfg.ranking_entropy_weight * entropy
+            total = main + cfg.ranking_entropy_weight * (entropy + cfg.balance_weight * imbalance)
             if cfg.ranking_distance_weight > 0:
                 expected = self.expected_distance(out.scores, batch["target_xy"])
                 parts["expected_distance_m"] = expected
                 total = total + cfg.ranking_distance_weight * expected
         parts["pmoe_entropy"] = entropy
+        parts["pmoe_imbalance"] = imbalance
         if out.location_moe is not None:
             parts["location_entropy"] = out.location_moe.entropy
         parts = {"loss": total, **parts}

@@ -22,6 +22,12 @@ among places with as many visits, the more recent ones first (for places visited
 visit first). A large gate bias c makes (1 - g) p_gen too small to reorder visited places, and places the
 window never visits rank by p_gen, which the caller starts at the popularity prior. So the untrained model
 ranks like `baselines.UserMostFrequent` (tested on real windows), and training moves it from there.
+
+Training first calls `set_copy_rate` with the training split's repeat rate (the share of targets the window
+holds; 0.63 on the cpu NYC budget): the gate starts at the constant that maximises the likelihood, not at
+g = 1 - 4.5e-5, where an unvisited target costs ~10 nats of gate alone and the first steps go into calibrating
+one scalar. Visited places then compete with popular unvisited ones through (1 - g) p_gen; on the cpu NYC
+validation windows the untrained ranking stays within one window of the baseline's (Hit@10 0.500 either way).
 """
 
 from __future__ import annotations
@@ -66,6 +72,15 @@ class CopyMixture(nn.Module):
             self.query.bias.zero_()
             self.gate.weight.zero_()
             self.gate.bias.fill_(gate_bias)
+
+    @torch.no_grad()
+    def set_copy_rate(self, rate: float) -> None:
+        """Start g at `rate` (bias = logit(rate), gate weights unchanged), clipped into [0.001, 0.999]."""
+        if not 0.0 <= rate <= 1.0:
+            raise DataError(f"copy rate {rate!r} is not a probability; expected the share of targets in [0, 1] "
+                            "that their window holds")
+        rate = min(max(rate, 1e-3), 1 - 1e-3)
+        self.gate.bias.fill_(math.log(rate / (1 - rate)))
 
     def attention(self, state: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """state (B, Ds), keys (B, T, Dk) -> copy attention a (B, T) float32, rows summing to 1."""

@@ -373,10 +373,11 @@ def plot_dataset_overview(data: Any, *, max_points: int = 60_000, seed: int = 0)
     if len(xy) > max_points:
         draw = np.sort(np.random.default_rng(seed).choice(len(xy), size=max_points, replace=False))
     size = float(np.clip(8_000 / len(draw), 0.5, 12))
-    order = [f for f in FUNCTIONS if f in set(function)] + sorted(set(function) - set(FUNCTIONS))
-    if UNKNOWN_FUNCTION in order:  # grey underneath the coloured functions
-        order.remove(UNKNOWN_FUNCTION)
-        order.insert(0, UNKNOWN_FUNCTION)
+    # largest class first, so a small class (NYC: 585 Residential venues among 8,332 Commercial ones) is drawn
+    # on top instead of hidden; Unknown (grey) always underneath; the legend keeps the schema's order
+    present = [f for f in FUNCTIONS if f in set(function)] + sorted(set(function) - set(FUNCTIONS))
+    size_of = {f: int((function == f).sum()) for f in present}
+    order = sorted(present, key=lambda f: (f != UNKNOWN_FUNCTION, -size_of[f]))
     for f in order:
         mine = draw[function[draw] == f]
         ax_map.scatter(xy[mine, 0], xy[mine, 1], s=size, color=FUNCTION_COLORS.get(f, "#444444"),
@@ -387,7 +388,11 @@ def plot_dataset_overview(data: Any, *, max_points: int = 60_000, seed: int = 0)
     ax_map.tick_params(axis="x", labelrotation=30)
     ax_map.set(xlabel="x, east of centre (m)", ylabel="y, north of centre (m)",
                title=f"{len(xy):,} candidate locations by function")
-    ax_map.legend(title="function (number of locations)", markerscale=max(1.0, 6 / math.sqrt(size)),
+    handles, labels = ax_map.get_legend_handles_labels()
+    legend_order = sorted(range(len(order)), key=lambda i: present.index(order[i]))
+    ax_map.legend([handles[i] for i in legend_order], [labels[i] for i in legend_order],
+                  title="function (number of locations; smaller classes drawn on top)",
+                  markerscale=max(1.0, 6 / math.sqrt(size)),
                   loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
 
     counts = np.asarray(per_user, dtype=float)
@@ -1059,7 +1064,7 @@ def plot_prediction_map(df: pd.DataFrame, candidates: Any = None, max_windows: i
     ax_map.yaxis.set_major_formatter(FuncFormatter(_thousands))
     ax_map.tick_params(axis="x", labelrotation=30)
     ax_map.set(xlabel="x, east of centre (m)", ylabel="y, north of centre (m)",
-               title=f"first {len(d)} test windows")
+               title=f"{len(d)} test windows (a seeded random draw)")
     ax_map.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False, markerscale=1.3)
 
     errors = pd.to_numeric(df["error_m"], errors="coerce").to_numpy(dtype=float)
