@@ -1093,11 +1093,12 @@ MOE_BENCH_LABELS = {"ffn": "dense FFN", "lora_ffn": "FFN + one LoRA", "moe_thres
 
 
 @_styled
-def plot_moe_benchmark(table: pd.DataFrame) -> Figure:
+def plot_moe_benchmark(table: pd.DataFrame, device: str | None = None) -> Figure:
     """results/bench_moe.csv: forward + backward time of one Personalized MoE layer relative to a dense FFN.
 
     One panel per width (SmolLM2, LLaMA-3.2-3B shapes); one bar per (method, expert_compute), the value
-    `x_ffn` (median time / the dense FFN's median time); the design target of 1.5x is drawn.
+    `x_ffn` (median time / the dense FFN's median time); the design target of 1.5x is drawn. `device` (e.g.
+    the results file's provenance) goes into the title.
     """
     _require_columns(table, ("width", "tokens", "method", "x_ffn", "expert_compute", "active_experts"),
                      "plot_moe_benchmark")
@@ -1124,5 +1125,6 @@ def plot_moe_benchmark(table: pd.DataFrame) -> Figure:
         ax.set_title(f"{width} width, {int(rows['tokens'].iloc[0]):,} tokens")
         ax.legend(loc="upper right")
     axes[0].invert_yaxis()
-    fig.suptitle("Personalized MoE layer, forward + backward (median): shared-base LoRA experts vs a dense FFN")
+    fig.suptitle("Personalized MoE layer, forward + backward (median): shared-base LoRA experts vs a dense FFN"
+                 + (f"\n{device}" if device else ""))
     return fig
