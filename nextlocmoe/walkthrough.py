@@ -113,9 +113,9 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
     function = np.asarray(windows.candidate_function)[windows.location[rows]]
     records = pd.DataFrame({
         "record": [f"h{t + 1}" for t in range(H)] + [f"c{t + 1}" for t in range(C)] + ["target"],
-        "x_m": windows.x[rows].round(1), "y_m": windows.y[rows].round(1),
+        "x_m": windows.x[rows].astype(np.float64).round(1), "y_m": windows.y[rows].astype(np.float64).round(1),
         "weekday": windows.weekday[rows], "hour": windows.hour[rows],
-        "duration_h": np.round(windows.duration[rows], 2), "place": windows.location[rows],
+        "duration_h": np.round(windows.duration[rows].astype(np.float64), 2), "place": windows.location[rows],
         "function": [FUNCTIONS[f] if f >= 0 else "unknown" for f in function],
     })
     walk.steps.append(Step("records", EQUATIONS["records"], {"history": (H, 5), "current": (C, 5)}, records))
