@@ -55,15 +55,15 @@ def _interval(wide: pd.DataFrame, key: tuple, metric: str) -> tuple[float, float
     return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
 
 
-def _verdict(wide: pd.DataFrame, ours: tuple, theirs: tuple, metric: str) -> str:
-    """Whether row `ours` beats row `theirs` on `metric`, judged by their 95% intervals."""
+def _verdict(wide: pd.DataFrame, ours: tuple, theirs: tuple, metric: str, gap: str = "difference") -> str:
+    """Whether row `ours` beats row `theirs` on `metric`, judged by their 95% intervals; `gap` names a - b."""
     a, b = float(wide.loc[ours, metric]), float(wide.loc[theirs, metric])
     overlap = intervals_overlap(_interval(wide, ours, metric), _interval(wide, theirs, metric))
     if overlap is None:
         return "supported (no intervals)" if a > b else "not supported (no intervals)"
     if overlap:
-        return f"not supported: within noise ({a - b:+.3f})"
-    return "supported" if a > b else f"contradicted: {a - b:+.3f}, beyond noise"
+        return f"not supported: within noise ({gap} {a - b:+.3f})"
+    return f"supported ({gap} {a - b:+.3f})" if a > b else f"contradicted: {gap} {a - b:+.3f}, beyond noise"
 
 
 def _best(wide: pd.DataFrame, dataset: str, methods: list[str], metric: str, variant: str | None = None) -> tuple | None:
@@ -131,8 +131,8 @@ def _ablations(table: pd.DataFrame) -> list[dict[str, str]]:
         if variant not in variants:
             rows.append({"claim": claim, "paper": "lower Hit@k without it (both MoEs 'critical')", "ours": "not run",
                          "verdict": "cannot test (this profile's ablation plan has no such row)",
-                         "what differs": "the cpu plan ablates this project's choices (pointer, renormalisation, "
-                                         "shared prompt); the gpu profile runs the paper's rows"})
+                         "what differs": "this profile's plan (`plan.ablations`) leaves the row out; the gpu profile "
+                                         "runs every group"})
             continue
         for dataset in dict.fromkeys(table.loc[table["variant"] == variant, "dataset"]):
             full = next((k for k in wide.index if k[1] == dataset and k[2] == "full"), None)
@@ -141,7 +141,8 @@ def _ablations(table: pd.DataFrame) -> list[dict[str, str]]:
                 continue
             rows.append({"claim": f"{claim} ({dataset}, Hit@10)", "paper": "lower Hit@k without it",
                          "ours": f"full {float(wide.loc[full, 'hit@10']):.3f}, without {float(wide.loc[cut, 'hit@10']):.3f}",
-                         "verdict": _verdict(wide, full, cut, "hit@10"), "what differs": DIFFERS["budget"]})
+                         "verdict": _verdict(wide, full, cut, "hit@10", "full - without"),
+                         "what differs": DIFFERS["budget"]})
     return rows
 
 
