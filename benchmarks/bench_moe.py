@@ -47,8 +47,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from nextlocmoe.errors import ConfigError
 from nextlocmoe.io import provenance, write_json_atomic, write_text_atomic
 from nextlocmoe.runtime import time_once
-from nextlocmoe.model.personalized_moe import (EXPERT_COMPUTES, LoRAExpertFFN, NaivePersonalizedMoE,
-                                               PersonalizedMoE, PersonalizedMoEConfig)
+from nextlocmoe.model.config import EXPERT_COMPUTES, PersonalizedMoEConfig
+from nextlocmoe.model.personalized_moe import LoRAExpertFFN, NaivePersonalizedMoE, PersonalizedMoE
 
 HISTORY_DIM = 176   # TCN history summary width (reference)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -42,7 +42,7 @@ from .data.windows import Windows, WindowDataset
 from .errors import ConfigError, DataError
 from .evaluation import move_batch
 from .io import provenance
-from .metrics import CandidateIndex, ranks_from_scores
+from .metrics import rank_predictions
 from .model import NextLocMoE
 from .results import markdown_table, write_results
 
@@ -140,8 +140,8 @@ def collect_routing(model: NextLocMoE, windows: Windows, split: str = "test", ma
     """Run `model` on the first `max_windows` windows of a seeded permutation of `split` and keep its routing.
 
     The permutation is numpy's default_rng(seed).permutation(n_split); max_windows=None keeps the whole split
-    (in permuted order). Batches come from the same `WindowDataset` gathering that train.evaluate uses, and
-    ranks follow train.evaluate (regression head: KD-tree over the candidates; ranking head: by score), so
+    (in permuted order). Batches come from the same `WindowDataset` gathering that evaluation.evaluate uses, and
+    ranks follow evaluation.evaluate (regression head: KD-tree over the candidates; ranking head: by score), so
     over a whole split mean(hit1) and mean(hit10) are evaluate's Hit@1 and Hit@10.
     """
     if batch_size < 1:
@@ -169,10 +169,10 @@ def collect_routing(model: NextLocMoE, windows: Windows, split: str = "test", ma
             parts["pmoe_selected"].append(torch.stack([o.selected for o in out.personalized], 1).cpu().numpy())
         if out.location_moe is not None:
             parts["location_probs"].append(out.location_moe.gate_probs.float().cpu().numpy())   # (B, C, 5)
-        if out.scores is not None:
-            scores = out.scores.float().cpu()                                             # (B, L)
-            parts["rank"].append(ranks_from_scores(scores, batch["target_location"].cpu()))
-            parts["top1_id"].append(scores.argmax(dim=1).numpy())                         # first max = lower id
+        if out.scores is not None:   # ranked batch by batch, as `evaluation.evaluate` does
+            ranked = rank_predictions(candidates, batch["target_location"].cpu(), scores=out.scores.float().cpu())
+            parts["rank"].append(ranked.rank)
+            parts["top1_id"].append(ranked.top1)
         else:
             parts["pred_xy"].append(out.pred_xy.float().cpu().double().numpy())          # (B, 2), as evaluate
         parts["user"].append(batch["user"].cpu().numpy())
@@ -184,10 +184,9 @@ def collect_routing(model: NextLocMoE, windows: Windows, split: str = "test", ma
     target_index = windows.target_index(split)[window_index]
     target_xy = np.stack([windows.x[target_index], windows.y[target_index]], axis=1)    # (W, 2) float64 metres
     pred_xy = cat.get("pred_xy")
-    if pred_xy is not None:   # regression head: the KD-tree retrieval of train.evaluate
-        index = CandidateIndex(candidates)
-        rank = index.rank_of(pred_xy, target_location)
-        top1_id = index.topk(pred_xy, 1)[1][:, 0]
+    if pred_xy is not None:   # regression head: the KD-tree retrieval of evaluation.evaluate
+        ranked = rank_predictions(candidates, target_location, target_xy, points=pred_xy)
+        rank, top1_id = ranked.rank, ranked.top1
     else:
         rank, top1_id = cat["rank"].astype(np.int64), cat["top1_id"].astype(np.int64)
     user = cat["user"].astype(np.int64)

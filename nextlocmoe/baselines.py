@@ -1,7 +1,7 @@
 """Classical next-location baselines, scored in the same harness as NextLocMoE (paper Sec. 5; docs/design.md §6).
 
 Every baseline reads the same windows as the model (history S_h + current S_c -> next record) and gives a
-score to EVERY candidate location, so `metrics.ranks_from_scores` ranks them by the one rule the whole
+score to EVERY candidate location, so `metrics.rank_predictions` ranks them by the one rule the whole
 project uses (higher score first, ties broken by lower candidate id) and `evaluate_baseline` reports
 exactly the columns the NextLocMoE table has (Hit@1/5/10/20, NDCG@k, MRR, distance error of the top-1
 candidate).
@@ -36,7 +36,7 @@ as one number without any rounding.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .metrics import DEFAULT_KS, Ranked, rank_predictions
 from .model.heads import log_popularity_prior
 from .model.pointer import CopyMixture
 from .utils import as_numpy, default, exists
@@ -657,7 +657,7 @@ def evaluate_baseline(model: Baseline, windows: Any, split: str = "test", batch_
     n = windows.n_windows(split)
     if n == 0:
         raise DataError(f"split '{split}' holds no window to evaluate")
-    ranks, errors = [], []
+    ranked = []
     for first in tqdm(range(0, n, batch_size), desc=desc or f"eval {model.name} {split}", unit="batch",
                       leave=False, disable=None):
         batch = windows.batch(split, np.arange(first, min(first + batch_size, n)))
@@ -665,8 +665,5 @@ def evaluate_baseline(model: Baseline, windows: Any, split: str = "test", batch_
         if tuple(scores.shape) != (len(batch["target_location"]), len(candidates_xy)):
             raise DataError(f"baseline '{model.name}' returned scores of shape {tuple(scores.shape)}; "
                             f"expected ({len(batch['target_location'])}, {len(candidates_xy)})")
-        ranks.append(ranks_from_scores(scores, batch["target_location"]))
-        top1 = as_numpy(scores.argmax(1) if isinstance(scores, torch.Tensor) else scores.argmax(axis=1))
-        errors.append(np.linalg.norm(candidates_xy[top1.astype(np.int64)]
-                                     - np.asarray(batch["target_xy"], dtype=np.float64), axis=1))
-    return retrieval_metrics(np.concatenate(ranks), ks=ks, distance_error_m=np.concatenate(errors))
+        ranked.append(rank_predictions(candidates_xy, batch["target_location"], batch["target_xy"], scores=scores))
+    return Ranked.concat(ranked).metrics(ks)

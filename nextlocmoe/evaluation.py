@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.windows import Windows, WindowDataset, identity_collate
-from .metrics import CandidateIndex, ranks_from_scores, retrieval_metrics
+from .metrics import CandidateIndex, Ranked, rank_predictions
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -56,23 +56,19 @@ def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: 
     model.eval()
     device = device or next(model.parameters()).device
     loader = epoch_loader(windows, split, batch_size, seed=None)
-    points, targets, ranks, dist_err = [], [], [], []
-    candidates = torch.as_tensor(windows.candidates, dtype=torch.float64)
+    index = CandidateIndex(windows.candidates)
+    ranked, points, targets, targets_xy = [], [], [], []
     for batch in tqdm(loader, desc=desc or f"eval {split}", leave=False, disable=None):
         batch = move_batch(batch, device)
         out = model(batch)
-        if out.scores is not None:
-            scores = out.scores.float().cpu()
-            target = batch["target_location"].cpu()
-            ranks.append(torch.as_tensor(ranks_from_scores(scores, target)))
-            top1 = candidates[scores.argmax(dim=1)]
-            dist_err.append(torch.linalg.norm(top1 - batch["target_xy"].cpu().double(), dim=1))
-        else:
+        if out.scores is not None:   # ranking head: ranked batch by batch, memory stays at (batch, L)
+            ranked.append(rank_predictions(index, batch["target_location"].cpu(), batch["target_xy"].cpu(),
+                                           scores=out.scores.float().cpu()))
+        else:                        # regression head: every point, then one KD-tree pass
             points.append(out.pred_xy.float().cpu().double())
             targets.append(batch["target_location"].cpu())
-            dist_err.append(torch.linalg.norm(points[-1] - batch["target_xy"].cpu().double(), dim=1))
+            targets_xy.append(batch["target_xy"].cpu().double())
     if points:
-        index = CandidateIndex(windows.candidates)
-        ranks = [torch.as_tensor(index.rank_of(torch.cat(points).numpy(), torch.cat(targets).numpy()))]
+        ranked = [rank_predictions(index, torch.cat(targets), torch.cat(targets_xy), points=torch.cat(points))]
     model.train(was_training)
-    return retrieval_metrics(torch.cat(ranks).numpy(), distance_error_m=torch.cat(dist_err).numpy())
+    return Ranked.concat(ranked).metrics()

@@ -26,14 +26,14 @@ How an answer becomes a rank (the decisions, all tested):
   text ends in a digit, that last number may be cut short and is dropped.
 * An answer with no valid id is UNPARSABLE. Unparsable answers are counted and reported ("unparsable",
   "unparsable_fraction"); they are misses.
-* Ranking (`scores_from_ranked_ids`, `ranks_from_ranked_ids`): the i-th listed id (0-based) of an answer
-  naming m ids scores m - i, every other candidate scores -inf, and `metrics.ranks_from_scores` ranks the
+* Ranking (`scores_from_ranked_ids`, `rank_answers`): the i-th listed id (0-based) of an answer
+  naming m ids scores m - i, every other candidate scores -inf, and `metrics.rank_predictions` ranks the
   target, so a listed target has rank i + 1. A target the answer does not name (including every target
   of an unparsable answer) is a MISS and gets rank L + 1 (`miss_rank`), "after every candidate", rather
   than the arbitrary place that the id tie-break among the -inf candidates would give it: the model said
   nothing about it. So a miss has Hit@k = 0 and NDCG@k = 0 for every k <= L (every cut-off that can tell
   methods apart: at k > L any ranking of all L places is a hit) and adds 1/(L + 1) to the MRR sum (about 0
-  for a city's thousands of places). The brief's alternative, rank L, would count a miss as a hit at k = L.
+  for a city's thousands of places). The other natural choice, rank L, would count a miss as a hit at k = L.
 * Distance error is from the first listed place to the true next record; it is averaged over parsable
   answers only (an unparsable answer names no place), and "dist_n" says how many those were.
 """
@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .metrics import DEFAULT_KS, ranks_from_scores, retrieval_metrics
+from .metrics import DEFAULT_KS, Ranked, rank_predictions, retrieval_metrics
 from .runtime import median_seconds
 from .utils import as_numpy, default, exists
 
@@ -280,13 +280,16 @@ def miss_rank(n_locations: int) -> int:
     return n_locations + 1
 
 
-def ranks_from_ranked_ids(ranked_lists: Sequence[Sequence[int]], target_ids: Any, n_locations: int) -> np.ndarray:
-    """(B,) int64 rank of each target: its position in the list (1-based), or L + 1 when the list omits it."""
+def rank_answers(ranked_lists: Sequence[Sequence[int]], target_ids: Any, candidates_xy: Any,
+                 target_xy: Any = None) -> Ranked:
+    """`metrics.rank_predictions` of the answers' list scores, with the miss rule: a target the list does not
+    name gets rank L + 1. rank (B,) is then the target's position in its list (1-based) or L + 1; top1 and
+    error_m are the first listed place and its distance to the true record (meaningless for an empty list)."""
+    n_locations = len(candidates_xy)
     scores = scores_from_ranked_ids(ranked_lists, n_locations)                # (B, L)
-    ranks = ranks_from_scores(scores, target_ids)                             # (B,)
-    target_ids = as_numpy(target_ids).astype(np.int64)
-    named = np.isfinite(scores[np.arange(len(scores)), target_ids])           # (B,)
-    return np.where(named, ranks, miss_rank(n_locations)).astype(np.int64)
+    ranked = rank_predictions(candidates_xy, target_ids, target_xy, scores=scores)
+    named = np.isfinite(scores[np.arange(len(scores)), as_numpy(target_ids).astype(np.int64)])   # (B,)
+    return ranked._replace(rank=np.where(named, ranked.rank, miss_rank(n_locations)).astype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,15 +412,14 @@ class LLMMob:
 def summarize(predictions: list[Prediction], windows: Any, split: str, ks: Sequence[int] = DEFAULT_KS,
               seconds: float | None = None) -> dict[str, float]:
     """Metrics dict of `LLMMob.evaluate` from the predictions of windows 0..n-1 of `split`, in order."""
-    n_locations = windows.n_locations
     ranked = [p.ranked_ids for p in predictions]
     targets = np.array([p.target_id for p in predictions], dtype=np.int64)
-    metrics = retrieval_metrics(ranks_from_ranked_ids(ranked, targets, n_locations), ks=ks)
-    parsed = np.array([len(r) > 0 for r in ranked])
     target_xy = windows.batch(split, np.arange(len(predictions)))["target_xy"].astype(np.float64)   # (n, 2)
+    answers = rank_answers(ranked, targets, windows.candidates, target_xy)              # (n,) ranks, top-1
+    metrics = retrieval_metrics(answers.rank, ks=ks)
+    parsed = np.array([len(r) > 0 for r in ranked])
     if parsed.any():
-        top1 = np.array([r[0] for r in ranked if r], dtype=np.int64)
-        errors = np.linalg.norm(windows.candidates[top1] - target_xy[parsed], axis=1)
+        errors = answers.error_m[parsed]                      # from the first listed place to the true record
         metrics["dist_mean_m"] = float(errors.mean())
         metrics["dist_median_m"] = float(np.median(errors))
     metrics["dist_n"] = int(parsed.sum())

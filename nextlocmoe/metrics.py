@@ -26,7 +26,7 @@ seed for MRR (a mean of values in (0, 1] with no closed form; `bootstrap_interva
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -435,50 +435,74 @@ def retrieval_metrics(ranks: Any, ks: Sequence[int] = DEFAULT_KS,
 
 
 # ---------------------------------------------------------------------------------------------------
-# the two evaluation paths
+# from predictions to ranks: the one function every evaluation calls
 # ---------------------------------------------------------------------------------------------------
 
-def evaluate_points(pred_xy: Any, target_ids: Any, index: CandidateIndex, target_xy: Any = None,
-                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Regression path (paper Sec. 5.1): rank the true location by distance to the predicted point.
+class Ranked(NamedTuple):
+    """Each window's rank under the module's tie rule, its rank-1 candidate and its distance error."""
+    rank: np.ndarray      # (N,) int64, 1 = best: 1 + #better + #as good with a lower candidate id
+    top1: np.ndarray      # (N,) int64 id of the rank-1 candidate (the KD-tree's nearest, or the highest score)
+    error_m: np.ndarray   # (N,) float64 metres to the true next record: from the predicted point (points) or
+                          # from the rank-1 candidate (scores)
 
-    Distance error is from the predicted point to the true next location: `target_xy` (N, 2) when given
-    (e.g. the raw GPS fix), otherwise the coordinates of candidate `target_ids`.
+    @classmethod
+    def concat(cls, parts: Sequence["Ranked"]) -> "Ranked":
+        """One Ranked from the Ranked of consecutive batches, in order."""
+        if not parts:
+            raise DataError("Ranked.concat needs at least one batch of ranked predictions")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls._fields))
+
+    def metrics(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+        """`retrieval_metrics` of these ranks with their distance errors."""
+        return retrieval_metrics(self.rank, ks=ks, distance_error_m=self.error_m)
+
+
+def rank_predictions(candidates: "CandidateIndex | Any", target_ids: Any, target_xy: Any = None, *,
+                     scores: Any = None, points: Any = None) -> Ranked:
+    """Rank the true next location of each window among all L candidates; exactly one of `scores`, `points`.
+
+    candidates  a CandidateIndex, or the (L, 2) candidate coordinates in metres (an index is built; pass the
+                index when ranking many batches of points)
+    target_ids  (N,) the true candidate ids
+    target_xy   (N, 2) metres of the true next records (e.g. the raw GPS fix); default: the targets' candidates
+    scores      (N, L) a score per candidate, higher is better (classification heads, baselines, ranked lists);
+                numpy or torch, compared in their own dtype (`ranks_from_scores`)
+    points      (N, 2) predicted points in metres (the paper's regression head: KD-tree retrieval, `rank_of`)
+
+    Both paths follow the tie rule of the module docstring: equal scores or equal distances are ordered by lower
+    candidate id, so the rank-1 candidate is the first maximum of the scores (argmax) or the first of
+    `CandidateIndex.topk(points, 1)`.
     """
-    pred_xy = _as_points(pred_xy, "pred_xy")
-    target_ids = _as_target_ids(target_ids, len(pred_xy), len(index))
-    target_xy = index.candidates_xy[target_ids] if target_xy is None else _as_points(target_xy, "target_xy")
-    if target_xy.shape != pred_xy.shape:
-        raise DataError(f"target_xy must have shape {pred_xy.shape} like pred_xy, got {target_xy.shape}")
-    ranks = index.rank_of(pred_xy, target_ids)
-    distance_error = np.sqrt(squared_distance(pred_xy, target_xy))           # (N,)
-    return retrieval_metrics(ranks, ks=ks, distance_error_m=distance_error)
-
-
-def evaluate_scores(scores: Any, target_ids: Any, candidates_xy: Any, target_xy: Any = None,
-                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Classification path (baselines): rank the true location by its score among all candidates.
-
-    Distance error is from the top-1 candidate (highest score, lowest id on ties, i.e. the rank-1
-    candidate) to the true location: `target_xy` when given, else the coordinates of `target_ids`.
-    """
-    candidates_xy = _as_points(candidates_xy, "candidates_xy")
-    if not isinstance(scores, torch.Tensor):
-        scores = np.asarray(scores)
-    if scores.ndim != 2 or scores.shape[1] != len(candidates_xy):
-        raise DataError(f"scores must have shape (N, {len(candidates_xy)}) to match candidates_xy, "
-                        f"got {tuple(scores.shape)}")
-    n_rows, n_candidates = scores.shape
-    ranks = ranks_from_scores(scores, target_ids)                            # validates scores and ids
-    target_ids = _as_target_ids(target_ids, n_rows, n_candidates)
-    # argmax returns the first maximum, i.e. the lowest id among tied scores: the rank-1 candidate
-    top1 = _to_numpy(scores.argmax(dim=1) if isinstance(scores, torch.Tensor) else scores.argmax(axis=1))
+    if (scores is None) == (points is None):
+        raise ConfigError("rank_predictions takes exactly one of scores= (N, L) or points= (N, 2)")
+    index = candidates if isinstance(candidates, CandidateIndex) else None
+    candidates_xy = index.candidates_xy if index is not None else _as_points(candidates, "candidates")
+    n_candidates = len(candidates_xy)
+    if points is not None:
+        points = _as_points(points, "points")
+        if index is None:
+            index = CandidateIndex(candidates_xy)
+        target_ids = _as_target_ids(target_ids, len(points), n_candidates)
+        rank = index.rank_of(points, target_ids)
+        top1 = index.topk(points, 1)[1][:, 0].astype(np.int64) if len(points) else np.empty(0, dtype=np.int64)
+        predicted_xy = points
+    else:
+        if not isinstance(scores, torch.Tensor):
+            scores = np.asarray(scores)
+        if scores.ndim != 2 or scores.shape[1] != n_candidates:
+            raise DataError(f"scores must have shape (N, {n_candidates}) to match the candidates, "
+                            f"got {tuple(scores.shape)}")
+        rank = ranks_from_scores(scores, target_ids)                        # validates the scores and ids
+        target_ids = _as_target_ids(target_ids, len(scores), n_candidates)
+        # argmax returns the first maximum, i.e. the lowest id among tied scores: the rank-1 candidate
+        top1 = _to_numpy(scores.argmax(dim=1) if isinstance(scores, torch.Tensor) else scores.argmax(axis=1))
+        top1 = top1.astype(np.int64)
+        predicted_xy = candidates_xy[top1]
     target_xy = candidates_xy[target_ids] if target_xy is None else _as_points(target_xy, "target_xy")
-    if target_xy.shape != (n_rows, 2):
-        raise DataError(f"target_xy must have shape ({n_rows}, 2) like the scores' rows, "
+    if target_xy.shape != (len(target_ids), 2):
+        raise DataError(f"target_xy must have shape ({len(target_ids)}, 2), one row per prediction, "
                         f"got {target_xy.shape}")
-    distance_error = np.sqrt(squared_distance(candidates_xy[top1.astype(np.int64)], target_xy))  # (N,)
-    return retrieval_metrics(ranks, ks=ks, distance_error_m=distance_error)
+    return Ranked(rank.astype(np.int64), top1, np.sqrt(squared_distance(predicted_xy, target_xy)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """One window through a trained model, step by step: every intermediate with its shape (notebook 01).
 
-`walk_window(model, windows, split, index)` runs ONE real window through `NextLocMoE` by calling the model's
-own pieces in the order `NextLocMoE.forward` calls them (token features, history router, Location Semantics
-MoE, token projections, backbone with the Personalized MoE, final norm, head, copy mixture), and keeps what
-each piece returns. A test checks that the walk ends at exactly the scores the model's forward gives, so
-what the notebook shows is what the model computes, not a re-implementation of it.
+`walk_window(model, windows, split, index)` runs ONE real window through `NextLocMoE.forward` with
+`return_intermediates=True` (the forward pass itself, recording what each stage computed: token features,
+history summary, Location Semantics MoE, token sequence, backbone with the Personalized MoE, prediction
+state, head, copy mixture) and lays those out stage by stage. It computes nothing of the model's own, so what
+the notebook shows is what the model computes; ranks follow the one tie rule of `metrics.rank_predictions`.
 
 Each `Step` carries the equation it implements, written out in the notation of docs/design.md (paper
 Secs. 4.1-4.4), the shapes of its tensors, and a small table to show.
@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.spatial import cKDTree
 
 from .data.schema import FUNCTIONS
 from .data.windows import Windows
 from .errors import ConfigError
-from .model.nextlocmoe import NextLocMoE, final_norm_float32
-from .model.personalized_moe import route
+from .metrics import CandidateIndex, rank_predictions
+from .model.nextlocmoe import NextLocMoE
 
 EQUATIONS: dict[str, str] = {
     "records": "a window = S_h = 40 history records + S_c = 5 current records r_t = (x_t, y_t, weekday_t, hour_t, "
@@ -44,8 +43,9 @@ EQUATIONS: dict[str, str] = {
                   "the answer is the KD-tree's nearest candidates to y_hat",
     "ranking": "score_l = <W_q s, c_l> / sqrt(r) * exp(tau) + b_l over the L candidate embeddings c_l; with the copy "
                "mixture log p(l) = log(g p_copy(l) + (1 - g) softmax(score)_l), g = sigmoid(w.s + c)",
-    "loss": "regression: mean ||y_hat - y|| (metres) + lambda H(p); ranking: -log p(target) + lambda H(p); "
-            "H = mean P-MoE gate entropy",
+    "loss": "regression: mean ||y_hat - y|| (metres) + lambda (H + beta I); ranking: -log p(target) + lambda (H + "
+            "beta I); H = mean P-MoE gate entropy, I = ln E - H(mean gate) the balance term, each averaged over "
+            "the P-MoE layers",
 }
 
 
@@ -105,6 +105,8 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
     walk = Walkthrough(split=split, index=int(index), head=cfg.head)
     arrays = windows.batch(split, [int(index)])
     batch = {k: torch.from_numpy(v).to(model.device) for k, v in arrays.items()}
+    out = model(batch, return_intermediates=True)       # THE forward pass; the steps below only read it
+    seen = out.intermediates
 
     # 1. the records (raw units) and the target
     start = int(windows.starts[split][index])
@@ -121,29 +123,23 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
     walk.steps.append(Step("records", EQUATIONS["records"], {"history": (H, 5), "current": (C, 5)}, records))
 
     # 2. token features
-    hist_features = model.token_features(batch["hist_xy"], batch["hist_weekday"], batch["hist_hour"],
-                                         batch["hist_duration"])                          # (1, H, 176)
-    cur_features = model.token_features(batch["cur_xy"], batch["cur_weekday"], batch["cur_hour"],
-                                        batch["cur_duration"])                            # (1, C, 176)
     walk.steps.append(Step("features", EQUATIONS["features"],
-                           {"history features": _shape(hist_features), "current features": _shape(cur_features)}))
+                           {"history features": _shape(seen["history_features"]),
+                            "current features": _shape(seen["current_features"])}))
 
     # 3. history router
+    h = out.history                                                                        # (1, 176)
     if model.history_router is not None:
-        h = model.history_router(hist_features)                                          # (1, 176)
-        levels = len(cfg.tcn_channels)
-        field_ = tcn_receptive_field(cfg.tcn_kernel_size, [2 ** i for i in range(levels)])
+        field_ = tcn_receptive_field(cfg.tcn_kernel_size, [2 ** i for i in range(len(cfg.tcn_channels))])
         note = (f"receptive field of the last step: {field_} records (the window has {H}); "
                 f"||h|| = {float(h.norm()):.2f}")
     else:
-        h = hist_features.new_zeros(1, cfg.history_dim)
         note = "history router switched off: h = 0"
     walk.steps.append(Step("history", EQUATIONS["history"], {"h": _shape(h)}, note=note))
 
     # 4. Location Semantics MoE
-    if model.location_moe is not None:
-        shared = cur_features[..., :cfg.coord_dim]
-        location = model.location_moe(batch["cur_xy"], h, cur_features, shared)
+    location = out.location_moe
+    if location is not None:
         probs = location.gate_probs[0].cpu().numpy()                                       # (C, 5)
         table = pd.DataFrame(probs.round(3), columns=list(FUNCTIONS))
         table.insert(0, "record", [f"c{t + 1}" for t in range(C)])
@@ -152,21 +148,18 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
         walk.steps.append(Step("location", EQUATIONS["location"],
                                {"gate": _shape(location.gate_probs), "location embedding": _shape(location.output)},
                                table))
-        cur_features = torch.cat([location.output, cur_features[..., cfg.coord_dim:]], dim=-1)
-    tokens = model.token_projections(hist_features, cur_features)                          # (1, H + C, D)
-    if model.prompt_embeddings is not None:
-        tokens = torch.cat([model.prompt_embeddings.to(tokens.dtype)[None], tokens], dim=1)
+    tokens, hidden = seen["tokens"], seen["hidden"]
     P = model.prompt_length
     walk.steps.append(Step("tokens", EQUATIONS["tokens"], {"backbone input": _shape(tokens)},
                            note=f"{P} prompt tokens + {H} history + {C} current; D = {tokens.shape[-1]}"))
 
     # 5. backbone and the Personalized MoE (batch 1: no shared prefix; the same function, tested)
-    hidden, personalized = model.run_backbone(tokens, h)
-    names = list(_role_names(model))
-    layers = sorted(int(i) for i in model.personalized_moe) if personalized else []
-    for layer, out in zip(layers, personalized):
-        probs = out.gate_probs[0, P:].float().cpu().numpy()                                # (H + C, E)
-        kept = route(out.gate_probs[0, P:].float(), model.personalized_moe[str(layer)].cfg).cpu().numpy()
+    names = list(model.role_names)
+    layers = sorted(int(i) for i in model.personalized_moe) if out.personalized else []
+    for layer, moe_out in zip(layers, out.personalized):
+        moe_cfg = model.personalized_moe[str(layer)].cfg
+        probs = moe_out.gate_probs[0, P:].float().cpu().numpy()                             # (H + C, E)
+        kept = moe_out.selected[0, P:].cpu().numpy()                                         # (H + C, E) bool
         show = np.r_[H - 1, np.arange(H, H + C)]                                            # last history + current
         table = pd.DataFrame({
             "token": [f"h{H}"] + [f"c{t + 1}" for t in range(C)],
@@ -177,52 +170,54 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
             "kept experts": [", ".join(names[e] for e in np.flatnonzero(kept[t])) for t in show],
         })
         walk.steps.append(Step(f"personalized layer {layer}", EQUATIONS["personalized"],
-                               {"gate": _shape(out.gate_probs), "hidden": _shape(hidden)}, table,
-                               note=f"threshold {model.personalized_moe[str(layer)].cfg.threshold}, at most "
-                                    f"{model.personalized_moe[str(layer)].cfg.max_experts} experts"))
+                               {"gate": _shape(moe_out.gate_probs), "hidden": _shape(hidden)}, table,
+                               note=f"threshold {moe_cfg.threshold}, at most {moe_cfg.max_experts} experts"))
 
-    # 6. prediction state and head
-    state = final_norm_float32(model.llama.norm, hidden[:, -1])                            # (1, D)
-    walk.steps.append(Step("state", EQUATIONS["state"], {"state": _shape(state)}))
+    # 6. prediction state and head; the ranks follow the one tie rule of nextlocmoe.metrics
+    walk.steps.append(Step("state", EQUATIONS["state"], {"state": _shape(seen["state"])}))
     target = int(arrays["target_location"][0])
-    candidates = np.asarray(windows.candidates, dtype=np.float64)                          # (L, 2) metres
+    index_ = CandidateIndex(windows.candidates)
+    true_xy = np.asarray(arrays["target_xy"], dtype=np.float64)                             # (1, 2) metres
     if cfg.head == "regression":
-        pred = model.head(state)[0].cpu().numpy().astype(np.float64)                       # (2,) metres
-        dist, idx = cKDTree(candidates).query(pred, k=min(top, len(candidates)))
-        idx, dist = np.atleast_1d(idx), np.atleast_1d(dist)
-        table = pd.DataFrame({"rank": np.arange(1, len(idx) + 1), "place": idx, "distance_m": dist.round(1),
-                              "is target": idx == target})
+        pred = out.pred_xy[0].cpu().numpy().astype(np.float64)                              # (2,) metres
+        dist, idx = index_.topk(pred[None], min(top, len(index_)))                         # (1, k): ties -> lower id
+        ranked = rank_predictions(index_, [target], true_xy, points=pred[None])
+        table = pd.DataFrame({"rank": np.arange(1, idx.shape[1] + 1), "place": idx[0], "distance_m": dist[0].round(1),
+                              "is target": idx[0] == target})
         walk.pred_xy = pred
-        true = arrays["target_xy"][0]
         walk.steps.append(Step("regression", EQUATIONS["regression"], {"point": (2,)}, table,
-                               note=f"predicted ({pred[0]:.0f}, {pred[1]:.0f}) m; target ({true[0]:.0f}, "
-                                    f"{true[1]:.0f}) m; error {np.hypot(*(pred - true)):.0f} m"))
+                               note=f"predicted ({pred[0]:.0f}, {pred[1]:.0f}) m; target ({true_xy[0, 0]:.0f}, "
+                                    f"{true_xy[0, 1]:.0f}) m; error {ranked.error_m[0]:.0f} m; the target (place "
+                                    f"{target}) ranks {int(ranked.rank[0])}"))
     else:
-        gen = model.head(state, model.candidate_location_embeddings())                     # (1, L)
-        scores, split_table = gen, None
-        window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)         # (1, H + C)
-        if model.pointer is not None:
-            keys = final_norm_float32(model.llama.norm, hidden[:, P:])                     # (1, H + C, D)
-            scores = model.pointer(state, keys, window, gen)                               # (1, L) log p
-            g = float(torch.sigmoid(model.pointer.gate_logit(state))[0, 0])
-            attention = model.pointer.attention(state, keys)[0]                            # (H + C,)
-            p_copy = torch.zeros(gen.shape[-1], device=gen.device).scatter_add(0, window[0], attention)
-            p_gen = gen[0].float().softmax(-1)
-            split_table = (g * p_copy, (1 - g) * p_gen)
-        order = torch.argsort(scores[0], descending=True, stable=True)[:top].cpu().numpy()
-        visits = np.bincount(window[0].cpu().numpy(), minlength=gen.shape[-1])
+        scores = out.scores                                                                  # (1, L)
+        order = torch.argsort(scores[0], descending=True, stable=True)[:top].cpu().numpy()  # ties -> lower id
+        window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)[0].cpu().numpy()  # (H + C,)
+        visits = np.bincount(window, minlength=scores.shape[-1])
         table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "place": order,
                               "p": scores[0, order].exp().cpu().numpy().round(4),
                               "visits in window": visits[order], "is target": order == target})
         note = ""
-        if split_table is not None:
-            table["from copy"] = split_table[0][order].cpu().numpy().round(4)
-            table["from generator"] = split_table[1][order].cpu().numpy().round(4)
+        if model.pointer is not None:    # the two parts of the mixture, as the forward pass computed them
+            g = float(seen["copy_gate"][0, 0])
+            p_copy = np.bincount(window, weights=seen["copy_attention"][0].double().cpu().numpy(),
+                                 minlength=scores.shape[-1])                                 # (L,)
+            p_gen = seen["generator_scores"][0].float().softmax(-1).cpu().numpy()           # (L,)
+            table["from copy"] = (g * p_copy[order]).round(4)
+            table["from generator"] = ((1 - g) * p_gen[order]).round(4)
             note = f"copy gate g = {g:.3f}: the share of probability the mixture gives to the window's own places"
-        rank = int((scores[0] > scores[0, target]).sum()) + 1
+        ranked = rank_predictions(index_, [target], true_xy, scores=scores.float().cpu())
         walk.scores = scores.detach().cpu()
         walk.steps.append(Step("ranking", EQUATIONS["ranking"], {"scores": _shape(scores)}, table,
-                               note=(note + "; " if note else "") + f"the target (place {target}) ranks {rank}"))
+                               note=(note + "; " if note else "") +
+                                    f"the target (place {target}) ranks {int(ranked.rank[0])}"))
+
+    # 7. the training loss of this one window (what an optimiser step on it would minimise)
+    loss, parts = model.loss(out, batch)
+    lam = cfg.entropy_weight if cfg.head == "regression" else cfg.ranking_entropy_weight
+    walk.steps.append(Step("loss", EQUATIONS["loss"], {"loss": ()},
+                           note=", ".join(f"{k} {float(v):.4g}" for k, v in parts.items()) +
+                                f"; lambda = {lam:g}, beta = {cfg.balance_weight:g}"))
     if was_training:
         model.train()
     return walk
@@ -234,11 +229,6 @@ def walk_run(run_dir: Any, windows: Windows | None = None, split: str = "test", 
     from .runs import load_run
     run = load_run(run_dir, windows, device=device)
     return walk_window(run.model, run.windows, split, index, top)
-
-
-def _role_names(model: NextLocMoE) -> tuple[str, ...]:
-    from .model.texts import role_names
-    return role_names(model.cfg.personalized.num_experts)
 
 
 def describe(walk: Walkthrough) -> list[dict[str, Any]]:

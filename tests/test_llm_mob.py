@@ -17,7 +17,7 @@ from nextlocmoe.data.schema import MobilityData
 from nextlocmoe.data.windows import make_windows
 from nextlocmoe.errors import ConfigError, DataError
 from nextlocmoe.llm_mob import (LLMMob, LLMMobConfig, TextCodec, batch_prompts, generation_throughput, miss_rank,
-                                parse_ranked_ids, ranks_from_ranked_ids, scores_from_ranked_ids)
+                                parse_ranked_ids, rank_answers, scores_from_ranked_ids)
 from nextlocmoe.metrics import ranks_from_scores, retrieval_metrics
 
 START = pd.Timestamp("2024-05-06 07:00")   # a Monday
@@ -115,7 +115,7 @@ def test_scores_from_ranked_ids_give_list_positions_under_ranks_from_scores():
                 assert ranks[place] == ranked.index(place) + 1              # brute force: position in list
             else:
                 assert ranks[place] > len(ranked)                           # after every listed place
-        ours = ranks_from_ranked_ids([ranked] * n_locations, targets, n_locations)
+        ours = rank_answers([ranked] * n_locations, targets, np.zeros((n_locations, 2))).rank
         expected = [ranked.index(p) + 1 if p in ranked else n_locations + 1 for p in range(n_locations)]
         assert ours.tolist() == expected
         if ranked:
@@ -123,7 +123,11 @@ def test_scores_from_ranked_ids_give_list_positions_under_ranks_from_scores():
 
 
 def test_misses_rank_after_every_candidate():
-    ranks = ranks_from_ranked_ids([[], [2, 1], [0]], np.array([3, 1, 4]), n_locations=5)
+    candidates = np.arange(10.0).reshape(5, 2)
+    answers = rank_answers([[], [2, 1], [0]], np.array([3, 1, 4]), candidates)
+    ranks = answers.rank
+    assert answers.top1[1:].tolist() == [2, 0]                                 # the first listed place
+    np.testing.assert_allclose(answers.error_m[1:], [np.hypot(2, 2), np.hypot(8, 8)])
     assert ranks.tolist() == [miss_rank(5), 2, miss_rank(5)]
     metrics = retrieval_metrics(ranks, ks=(1, 2, 5))                          # k = L = 5: misses still miss
     assert metrics["hit@5"] == pytest.approx(1 / 3) and metrics["hit@2"] == pytest.approx(1 / 3)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nextlocmoe.errors import ConfigError, DataError
-from nextlocmoe.metrics import (CandidateIndex, bootstrap_interval, evaluate_points, evaluate_scores,
-                                metrics_table, ranks_from_scores, retrieval_metrics, wilson_interval)
+from nextlocmoe.metrics import (CandidateIndex, Ranked, bootstrap_interval, metrics_table, rank_predictions,
+                                ranks_from_scores, retrieval_metrics, wilson_interval)
 
 
 # --- independent reference -------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_hit_at_k_monotone_and_bounds():
     assert metrics["hit@1"] <= metrics["mrr"] <= 1.0
 
 
-# --- the two evaluation paths agree ----------------------------------------------------------------
+# --- rank_predictions: one function, two paths, one tie rule ----------------------------------------
 
 def test_points_and_scores_paths_agree():
     rng = np.random.default_rng(21)
@@ -163,27 +163,60 @@ def test_points_and_scores_paths_agree():
     targets = rng.integers(0, len(candidates), len(points))
     index = CandidateIndex(candidates)
     scores = -reference_d2(points, candidates)                            # nearer = higher score
-    by_points = evaluate_points(points, targets, index)
-    by_scores = evaluate_scores(scores, targets, candidates)
-    ranking_keys = [key for key in by_points if not key.startswith("dist_")]
-    assert {key: by_points[key] for key in ranking_keys} == {key: by_scores[key] for key in ranking_keys}
+    by_points = rank_predictions(index, targets, points=points)
+    by_scores = rank_predictions(candidates, targets, scores=scores)
+    np.testing.assert_array_equal(by_points.rank, by_scores.rank)
+    np.testing.assert_array_equal(by_points.top1, by_scores.top1)         # the grid has ties: the same winner
+    ranking_keys = [key for key in by_points.metrics() if not key.startswith("dist_")]
+    assert {k: by_points.metrics()[k] for k in ranking_keys} == {k: by_scores.metrics()[k] for k in ranking_keys}
     # predicted points that sit on a candidate: the top-1 candidate is the point, so distances agree too
     on_candidates = candidates[rng.integers(0, len(candidates), 100)]
     targets = rng.integers(0, len(candidates), 100)
-    assert evaluate_points(on_candidates, targets, index) == pytest.approx(
-        evaluate_scores(torch.from_numpy(-reference_d2(on_candidates, candidates)), targets, candidates))
+    assert rank_predictions(index, targets, points=on_candidates).metrics() == pytest.approx(
+        rank_predictions(candidates, targets, scores=torch.from_numpy(-reference_d2(on_candidates, candidates)))
+        .metrics())
+
+
+def test_rank_predictions_matches_brute_force_with_ties():
+    """rank = 1 + #better + #equal with a lower id, top-1 = the lowest id among the best: checked row by row
+    against sorting every candidate by (-score, id), on scores with many exact ties (numpy and torch)."""
+    rng = np.random.default_rng(5)
+    n, L = 60, 25
+    scores = rng.integers(0, 4, size=(n, L)).astype(np.float32)           # values 0..3: ties everywhere
+    targets = rng.integers(0, L, n)
+    candidates = rng.normal(size=(L, 2)) * 100
+    for given in (scores, torch.from_numpy(scores)):
+        ranked = rank_predictions(candidates, targets, scores=given)
+        for row in range(n):
+            order = sorted(range(L), key=lambda c: (-scores[row, c], c))   # brute force: best first, lower id first
+            assert ranked.rank[row] == order.index(targets[row]) + 1
+            assert ranked.top1[row] == order[0]
+            assert ranked.error_m[row] == pytest.approx(np.hypot(*(candidates[order[0]] - candidates[targets[row]])))
+
+
+def test_ranked_concat_is_the_ranking_of_all_rows():
+    rng = np.random.default_rng(8)
+    candidates = rng.normal(size=(30, 2)) * 50
+    scores, targets = rng.normal(size=(40, 30)), rng.integers(0, 30, 40)
+    whole = rank_predictions(candidates, targets, scores=scores)
+    parts = Ranked.concat([rank_predictions(candidates, targets[a:a + 7], scores=scores[a:a + 7])
+                           for a in range(0, 40, 7)])
+    for field in Ranked._fields:
+        np.testing.assert_array_equal(getattr(whole, field), getattr(parts, field))
 
 
 def test_distance_errors():
     candidates = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
     index = CandidateIndex(candidates)
     pred = np.array([[30.0, 40.0], [100.0, 10.0]])
-    metrics = evaluate_points(pred, [0, 1], index)
+    metrics = rank_predictions(index, [0, 1], points=pred).metrics()
     assert metrics["dist_mean_m"] == pytest.approx((50.0 + 10.0) / 2)
-    metrics = evaluate_points(pred, [0, 1], index, target_xy=[[30.0, 40.0], [100.0, 0.0]])
+    metrics = rank_predictions(index, [0, 1], [[30.0, 40.0], [100.0, 0.0]], points=pred).metrics()
     assert metrics["dist_mean_m"] == pytest.approx(5.0) and metrics["dist_median_m"] == pytest.approx(5.0)
     scores = np.array([[0.0, 1.0, 1.0], [3.0, 2.0, 1.0]])                 # top-1: candidate 1 (tie), 0
-    metrics = evaluate_scores(scores, [2, 1], candidates)
+    ranked = rank_predictions(candidates, [2, 1], scores=scores)
+    assert ranked.top1.tolist() == [1, 0]
+    metrics = ranked.metrics()
     assert metrics["dist_mean_m"] == pytest.approx((math.hypot(100, 100) + 100.0) / 2)
     assert metrics["hit@1"] == 0.0 and metrics["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)
 
@@ -301,8 +334,12 @@ def test_bad_input_raises_clear_errors():
         retrieval_metrics(np.array([0, 2]))
     with pytest.raises(DataError, match="NaN"):
         ranks_from_scores(np.array([[0.0, np.nan]]), [0])
-    with pytest.raises(DataError, match="candidates_xy"):
-        evaluate_scores(np.zeros((2, 3)), [0, 1], np.zeros((4, 2)))
+    with pytest.raises(DataError, match=r"scores must have shape \(N, 4\)"):
+        rank_predictions(np.zeros((4, 2)), [0, 1], scores=np.zeros((2, 3)))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        rank_predictions(np.zeros((4, 2)), [0, 1])
+    with pytest.raises(DataError, match="target_xy"):
+        rank_predictions(np.zeros((4, 2)), [0, 1], np.zeros((3, 2)), scores=np.zeros((2, 4)))
     with pytest.raises(DataError, match="candidates_xy is empty"):
         CandidateIndex(np.zeros((0, 2)))
     with pytest.raises(DataError, match="method"):

@@ -386,7 +386,7 @@ def test_ranking_loss_parts_match_a_brute_force_computation():
 
 
 def test_routing_term_is_ln_e_minus_the_mutual_information_of_token_and_expert():
-    from nextlocmoe.model.nextlocmoe import routing_imbalance
+    from nextlocmoe.model.personalized_moe import routing_imbalance
     probs = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], [[0.3, 0.3, 0.4], [0.6, 0.3, 0.1]]])   # (B, T, E)
     tokens = probs.reshape(-1, 3).double()
     mean = tokens.mean(0)

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from nextlocmoe.errors import ConfigError
 from nextlocmoe.model import ModelConfig, build_model
-from nextlocmoe.model.nextlocmoe import DENSE_LORA_TARGETS, add_dense_lora
+from nextlocmoe.model.backbone import DENSE_LORA_TARGETS, add_dense_lora
 from nextlocmoe.model.personalized_moe import PersonalizedMoE, PersonalizedMoEConfig
 from nextlocmoe.runs import load_trainable_state, trainable_state
 

@@ -7,8 +7,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from nextlocmoe.errors import ConfigError
-from nextlocmoe.model.personalized_moe import (EXPERT_COMPUTES, MoEOutput, NaivePersonalizedMoE, PersonalizedMoE,
-                                               PersonalizedMoEConfig, route)
+from nextlocmoe.model.config import EXPERT_COMPUTES, PersonalizedMoEConfig
+from nextlocmoe.model.personalized_moe import MoEOutput, NaivePersonalizedMoE, PersonalizedMoE, route
 
 D, F_FFN, D_H, D_KEY, E = 32, 64, 16, 24, 11
 COMPUTES = [c for c in EXPERT_COMPUTES if c != "auto"]   # every formulation of the mixture

@@ -11,6 +11,7 @@ from nextlocmoe.config import load_config
 from nextlocmoe.data.prepare import prepare
 from nextlocmoe.errors import ConfigError
 from nextlocmoe.model import build_model
+from nextlocmoe.model.heads import final_norm_float32
 from nextlocmoe.walkthrough import describe, tcn_receptive_field, walk_window
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,6 +49,37 @@ def test_walk_ends_at_the_models_own_output(model_and_windows):
         assert table["place"].tolist() == np.argsort(d, kind="stable")[:5].tolist()   # brute-force nearest
 
 
+@torch.no_grad()
+def test_intermediates_are_what_forward_computes(model_and_windows):
+    """forward(return_intermediates=True) returns the same output as forward, and each recorded intermediate
+    is what its name says: checked by recomputing the later stages from the recorded earlier ones."""
+    model, windows = model_and_windows
+    batch = {k: torch.as_tensor(v) for k, v in windows.batch("test", [0, 1, 2]).items()}
+    plain, traced = model(batch), model(batch, return_intermediates=True)
+    assert plain.intermediates is None
+    seen = traced.intermediates
+    head = plain.scores if plain.scores is not None else plain.pred_xy
+    assert torch.equal(head, traced.scores if plain.scores is not None else traced.pred_xy)
+    H, C, P = windows.history, windows.current, model.prompt_length
+    assert seen["history_features"].shape[:2] == (3, H) and seen["current_features"].shape[:2] == (3, C)
+    assert seen["tokens"].shape[1] == seen["hidden"].shape[1] == P + H + C
+    hidden, _ = model.run_backbone(seen["tokens"], traced.history)
+    torch.testing.assert_close(hidden, seen["hidden"])
+    state = final_norm_float32(model.llama.norm, seen["hidden"][:, -1])
+    torch.testing.assert_close(state, seen["state"])
+    if model.cfg.head == "regression":
+        torch.testing.assert_close(model.head(state), plain.pred_xy)
+        return
+    torch.testing.assert_close(model.head(state, model.candidate_location_embeddings()), seen["generator_scores"])
+    if model.pointer is not None:    # p = g p_copy + (1 - g) softmax(generator), from the recorded parts
+        window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)
+        p_copy = torch.zeros_like(plain.scores).scatter_add(1, window, seen["copy_attention"])
+        g = seen["copy_gate"]
+        p = g * p_copy + (1 - g) * seen["generator_scores"].softmax(-1)
+        torch.testing.assert_close(p, plain.scores.exp(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(seen["copy_attention"].sum(-1), torch.ones(3))
+
+
 def test_walk_shows_records_gates_and_shapes(model_and_windows):
     model, windows = model_and_windows
     walk = walk_window(model, windows, "test", 0)
@@ -67,6 +99,7 @@ def test_walk_shows_records_gates_and_shapes(model_and_windows):
     tokens = shapes.loc[shapes["tensor"] == "backbone input", "shape"].item()
     assert tokens.startswith(f"(1, {model.prompt_length + H + C},")
     assert [d["step"] for d in describe(walk)][:3] == ["records", "features", "history"]
+    assert walk.step("loss").note.startswith("loss ")      # the window's own training loss closes the walk
 
 
 def test_receptive_field_and_bad_arguments(model_and_windows):

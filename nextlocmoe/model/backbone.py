@@ -26,6 +26,7 @@ The random backbones have no tokenizer; they use a byte-level fallback (utf-8 by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -35,6 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+
+try:   # the NextLocLLM-style baseline's LoRA (add_dense_lora); the rest of the model runs without peft
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+except ImportError:   # e.g. a lent GPU machine's image without it: then only dense_lora=True fails, clearly
+    LoraConfig = inject_adapter_in_model = None
+    LoraLayer = ()    # isinstance(m, ()) is False
 
 from ..errors import ConfigError, DataError
 from ..io import stable_hash, write_json_atomic
@@ -331,3 +339,50 @@ def embed_text(backbone: Backbone, text: str) -> torch.Tensor:
     """Mean-pooled input embedding of `text`: (D,). No transformer pass (paper Sec. 4.1 / 4.2: initialises the
     function experts of the Location Semantics MoE and gives the role keys of the Personalized MoE)."""
     return embed_tokens(backbone, text).float().mean(dim=0)   # (D,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# variants of a loaded backbone: a dense LoRA on every FFN (NextLocLLM-style), freshly drawn weights (ablation)
+
+DENSE_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")   # the FFN projections that get a LoRA
+
+
+def add_dense_lora(llama: nn.Module, r: int, alpha: float, dropout: float) -> int:
+    """Put a peft LoRA on gate/up/down of every decoder layer's FFN (frozen base + trainable low-rank update).
+
+    The NextLocLLM-style baseline's trainable capacity inside the backbone: the same adapter as one role expert
+    of the Personalized MoE (rank r, scaling alpha / r, dropout on the LoRA input), on every layer instead of 11
+    experts on two layers. `peft.inject_adapter_in_model` replaces each nn.Linear in place by a peft
+    `lora.Linear` (the frozen original as `base_layer`, A and B as `lora_A.default` / `lora_B.default`), so the
+    model's own layer loop runs unchanged. A is drawn like an nn.Linear's weight, B starts at zero: the wrapped
+    model computes exactly the frozen FFN until training moves it. Returns the number of wrapped layers.
+    """
+    if inject_adapter_in_model is None:
+        raise ConfigError("model.dense_lora=True needs the package 'peft', which is not installed; run `make install`")
+    already = [name for name, module in llama.named_modules() if isinstance(module, LoraLayer)]
+    if already:
+        raise ConfigError(f"add_dense_lora: {already[0]} already holds a LoRA ({len(already)} such modules); "
+                          "expected a backbone without adapters")
+    targets = [f"layers.{i}.mlp.{name}" for i in range(len(llama.layers)) for name in DENSE_LORA_TARGETS]
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    requires_grad = {name: p.requires_grad for name, p in llama.named_parameters()}
+    inject_adapter_in_model(lora, llama)
+    # peft freezes every parameter that is not an adapter's; the backbone's own keep their flags (the RMSNorms
+    # stay trainable, paper Sec. 4). The wrapped projections' weights are renamed `base_layer.weight` and stay frozen.
+    for name, p in llama.named_parameters():
+        if name in requires_grad:
+            p.requires_grad_(requires_grad[name])
+    return len(llama.layers)
+
+
+def randomly_initialised(backbone: Backbone, seed: int) -> Backbone:
+    """The same backbone (config, depth, tokenizer, dtype, device) with freshly drawn weights: the
+    pretrained-vs-random ablation. transformers' own initialisation, seeded by `seed`."""
+    if backbone.model is None:
+        raise ConfigError(f"backbone '{backbone.name}' has no model to re-initialise (loaded with config_only)")
+    weight = backbone.model.get_input_embeddings().weight
+    torch.manual_seed(seed)
+    with torch.device(weight.device):
+        model = LlamaForCausalLM._from_config(backbone.model.config, dtype=weight.dtype)
+    return dataclasses.replace(backbone, model=model.eval(), source=f"{backbone.source}+random-init",
+                               config=model.config)

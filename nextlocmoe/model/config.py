@@ -1,7 +1,8 @@
 """Model configuration of NextLocMoE: one dataclass, every field citing the paper or the reference code.
 
 `ModelConfig.to_dict()` / `ModelConfig.from_dict()` round-trip through plain dicts (YAML); the experiment
-config (`nextlocmoe.config`) nests it under `model:`.
+config (`nextlocmoe.config`) nests it under `model:`. `PersonalizedMoEConfig` (the role-expert layer's settings)
+lives here too, under `model.personalized`; the modules import their constants from here, never the reverse.
 """
 
 from __future__ import annotations
@@ -14,7 +15,51 @@ import torch
 
 from ..errors import ConfigError
 from ..io import plain
-from .personalized_moe import PersonalizedMoEConfig
+
+# Personalized MoE (paper Sec. 4.2): the layer in personalized_moe.py reads this config; the config imports nothing
+# of the model, so every module of the package can read the constants without building anything.
+ROUTINGS = ("threshold", "topk")
+EXPERT_COMPUTES = ("auto", "grouped", "pairs")
+# what "auto" runs on each device type: the fastest in benchmarks/bench_moe.py (results/bench_moe.csv)
+AUTO_EXPERT_COMPUTE = {"cpu": "grouped", "cuda": "pairs"}
+
+
+@dataclass
+class PersonalizedMoEConfig:
+    num_experts: int = 11          # role experts: 10 named roles + "Undefined" (paper Sec. 4.2)
+    routing: str = "threshold"     # "threshold" (paper default) or "topk"
+    threshold: float = 0.8         # threshold routing: cumulative gate probability to reach (paper/reference: 0.8)
+    max_experts: int = 5           # threshold routing: at most this many experts per token (reference: 5)
+    top_k: int = 2                 # top-k routing: experts per token (reference: 2)
+    lora_r: int = 16               # LoRA rank of every expert (reference: r=16)
+    lora_alpha: float = 16.0       # LoRA alpha; the low-rank update is scaled by alpha / r (reference: 16)
+    lora_dropout: float = 0.02     # dropout on each LoRA input (reference: 0.02)
+    gate_hidden: int = 128         # hidden width of the gate MLP; ours (no source fixes it, docs/design.md §5.2; 128
+                                   # matches the Location Semantics MoE gate 352->128->5 of the reference)
+    renormalize: bool = False      # divide the kept probabilities by their sum; False as in the reference
+    expert_compute: str = "auto"   # ours: "grouped" (loop over experts on their own tokens), "pairs" (all
+                                   # selected pairs in one batch, block matmuls); "auto" = the fastest
+                                   # measured per device (AUTO_EXPERT_COMPUTE). Same function every way.
+
+    def validate(self) -> "PersonalizedMoEConfig":
+        checks = [
+            ("num_experts", isinstance(self.num_experts, int) and self.num_experts >= 1, "an integer >= 1"),
+            ("routing", self.routing in ROUTINGS, f"one of {list(ROUTINGS)}"),
+            ("threshold", 0.0 < self.threshold <= 1.0, "a probability in (0, 1]"),
+            ("max_experts", isinstance(self.max_experts, int) and self.max_experts >= 1, "an integer >= 1"),
+            ("top_k", isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+             f"an integer in [1, num_experts={self.num_experts}]"),
+            ("lora_r", isinstance(self.lora_r, int) and self.lora_r >= 1, "an integer >= 1"),
+            ("lora_alpha", self.lora_alpha > 0, "a number > 0"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a probability in [0, 1)"),
+            ("gate_hidden", isinstance(self.gate_hidden, int) and self.gate_hidden >= 1, "an integer >= 1"),
+            ("expert_compute", self.expert_compute in EXPERT_COMPUTES, f"one of {list(EXPERT_COMPUTES)}"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"personalized_moe.{name}={getattr(self, name)!r} is invalid; expected {expected}")
+        return self
+
 
 HEADS = ("regression", "ranking")
 BACKBONE_INITS = ("pretrained", "random")

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .personalized_moe import MoEOutput
+from .personalized_moe import MoEOutput, moe_output
 
 
 def rotate_pairs(v: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,8 @@ class LocationSemanticsMoE(nn.Module):
         history         (B, H_dim)   history summary h (zeros when the history router is switched off)
         token_features  (B, C, 176)  plain token features (shared coordinate projection + time features)
         shared          (B, C, 128)  the shared expert's output, i.e. the plain coordinate projection of xy
-        returns MoEOutput(output (B, C, 128), gate_probs (B, C, 5), selected (B, C, 5) bool, entropy scalar)
+        returns MoEOutput(output (B, C, 128), gate_probs (B, C, 5), selected (B, C, 5) bool, entropy and
+        imbalance scalars)
         """
         B, C, _ = token_features.shape
         gate_input = torch.cat([history[:, None, :].expand(B, C, -1), token_features], dim=-1)  # (B, C, 352)
@@ -118,7 +119,7 @@ class LocationSemanticsMoE(nn.Module):
         weights = gate_probs * selected                                   # chosen experts keep their raw probability
         experts = self.expert_projections(xy)                             # (B, C, 5, 128)
         output = shared + torch.einsum("bce,bced->bcd", weights, experts)  # (B, C, 128)
-        return MoEOutput(output, gate_probs, selected, gate_entropy(gate_probs))
+        return moe_output(output, gate_probs, selected, gate_entropy(gate_probs))
 
     def embed_known_function(self, xy: torch.Tensor, function: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """Location embedding of places whose function is known (the candidate set of the ranking head).

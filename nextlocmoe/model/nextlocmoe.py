@@ -11,8 +11,13 @@
         --> RegressionHead: (x, y) in metres, matched to places by a KD-tree (paper, Sec. 4.4)
             or RankingHead: a score per candidate place (this project's extension)
 
-The transformer layers are transformers' own LlamaDecoderLayer modules, called in our loop so that the
-Personalized MoE can receive h; attention, rotary embeddings and the causal mask are the library's.
+The transformer layers are transformers' own LlamaDecoderLayer modules, called in our loop (model/decoder.py)
+so that the Personalized MoE can receive h; attention, rotary embeddings and the causal mask are the library's.
+
+`model(batch, return_intermediates=True)` is the same forward pass that also hands back what each stage
+computed (token features, h, the token sequence, the hidden states, the prediction state, the generator's
+scores and the copy mixture's gate and attention), the way transformers returns `output_hidden_states`;
+the one-window walkthrough (nextlocmoe/walkthrough.py) is built on it and runs no code of its own.
 
 Two switches turn the same class into the comparisons of the experiments: `dense_lora=True` with the MoEs
 and the router off is the NextLocLLM-style baseline (a peft LoRA on every dense FFN instead of role experts), and
@@ -22,29 +27,19 @@ pretrained-vs-random ablation).
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM
-from transformers.masking_utils import create_causal_mask
-
-try:   # the NextLocLLM-style baseline's LoRA (add_dense_lora); the rest of the model runs without peft
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-except ImportError:   # e.g. a lent GPU machine's image without it: then only dense_lora=True fails, clearly
-    LoraConfig = inject_adapter_in_model = None
-    LoraLayer = ()    # isinstance(m, ()) is False
 
 from ..data.schema import FUNCTIONS
 from ..errors import ConfigError, DataError
-from .backbone import Backbone, embed_text, embed_tokens, freeze_like_paper, load_backbone
+from .backbone import (Backbone, LoraLayer, add_dense_lora, embed_text, embed_tokens, freeze_like_paper,
+                       load_backbone, randomly_initialised)
 from .config import ModelConfig
+from .decoder import run_decoder
 from .features import TokenFeatures, TokenProjections
 from .heads import RankingHead, RegressionHead, final_norm_float32
 from .history_router import HistoryRouter
@@ -65,20 +60,19 @@ class ModelOutput(NamedTuple):
     location_moe: MoEOutput | None       # Location Semantics MoE on the current tokens, None when switched off
     personalized: list[MoEOutput]        # one per Personalized MoE layer, in layer order ([] when switched off)
     history: torch.Tensor                # (B, 176) history summary h (zeros without the history router)
+    intermediates: dict[str, torch.Tensor] | None = None   # forward(..., return_intermediates=True): INTERMEDIATES
 
 
-def causal_attention_mask(config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor):
-    """transformers' own causal mask for this config's attention implementation (None means sdpa's is_causal).
-
-    The helper's keywords changed across transformers versions (input_embeds -> inputs_embeds, cache_position
-    dropped); we pass whichever this version takes.
-    """
-    params = inspect.signature(create_causal_mask).parameters
-    kwargs: dict[str, Any] = dict(config=config, attention_mask=None, past_key_values=None, position_ids=position_ids)
-    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
-    if "cache_position" in params:
-        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-    return create_causal_mask(**kwargs)
+INTERMEDIATES = {   # what forward(return_intermediates=True) records, in the order it computes them
+    "history_features": "(B, H, 176) token features of the history records",
+    "current_features": "(B, C, 176) token features of the current records (before the Location Semantics MoE)",
+    "tokens": "(B, P + H + C, D) the backbone's input sequence: prompt, history and current tokens",
+    "hidden": "(B, P + H + C, D) the last decoder layer's hidden states, before the final norm",
+    "state": "(B, D) float32 the prediction state: final RMSNorm of the last token",
+    "generator_scores": "(B, L) the ranking head's scores before the copy mixture (ranking head only)",
+    "copy_gate": "(B, 1) g, the probability of copying (ranking head with the copy mixture only)",
+    "copy_attention": "(B, H + C) the copy mixture's attention over the window's records (idem)",
+}
 
 
 def distinct_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
@@ -95,51 +89,6 @@ def distinct_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     if embeddings.shape[0] > 1:
         embeddings = embeddings - embeddings.mean(dim=0, keepdim=True)
     return embeddings / embeddings.pow(2).mean().sqrt().clamp_min(1e-12)
-
-
-class PrefixCache:
-    """The smallest cache transformers' attention accepts: `update(keys, values, layer_idx)`.
-
-    While `recording`, it stores the prompt's keys/values of each layer (batch 1) and returns them unchanged;
-    afterwards it returns them prepended, broadcast over the batch, to the trajectory's own keys/values.
-    """
-
-    def __init__(self) -> None:
-        self.recording = True
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.recording:
-            self.layers[layer_idx] = (keys, values)                                     # (1, kv_heads, P, hd)
-            return keys, values
-        prompt_keys, prompt_values = self.layers[layer_idx]
-        B = keys.shape[0]
-        return (torch.cat([prompt_keys.expand(B, -1, -1, -1), keys], dim=2),          # (B, kv_heads, P + S, hd)
-                torch.cat([prompt_values.expand(B, -1, -1, -1), values], dim=2))
-
-
-def routing_imbalance(gate_probs: torch.Tensor) -> torch.Tensor:
-    """ln E - H(mean gate): 0 when the batch's tokens use the E experts equally on average, ln E when they
-    all put their mass on the same one. gate_probs (B, T, E) -> () float32.
-
-    The paper's entropy term H (mean over tokens of each gate's entropy) sharpens each token's gate; on its
-    own it is minimised fastest by one expert for every token (a shared bias), which is what the gates here
-    did within ten steps. H + imbalance = ln E - (H(mean gate) - H) = ln E - I(token; expert): penalising both
-    rewards sharp gates only where different tokens pick different experts, i.e. where routing reads the
-    input (Switch-style load balancing in entropy form; docs/design.md §5.2)."""
-    mean = gate_probs.float().reshape(-1, gate_probs.shape[-1]).mean(0)               # (E,)
-    return math.log(mean.numel()) + (mean * mean.clamp_min(1e-12).log()).sum()
-
-
-def concat_moe_outputs(first: MoEOutput, second: MoEOutput) -> MoEOutput:
-    """The MoEOutput of tokens [first ; second] along T, as if one call had routed them all; a batch-1 `first`
-    (the shared prompt) is broadcast over the batch, and the entropy is the mean over all B x T tokens."""
-    B = second.output.shape[0]
-    T1, T2 = first.output.shape[1], second.output.shape[1]
-    cat = lambda a, b: torch.cat([a.expand(B, *a.shape[1:]), b], dim=1)
-    entropy = (first.entropy * T1 + second.entropy * T2) / (T1 + T2)
-    return MoEOutput(cat(first.output, second.output), cat(first.gate_probs, second.gate_probs),
-                     cat(first.selected, second.selected), entropy)
 
 
 class NextLocMoE(nn.Module):
@@ -258,8 +207,10 @@ class NextLocMoE(nn.Module):
     def device(self) -> torch.device:
         return self.llama.embed_tokens.weight.device
 
-    def embed_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, MoEOutput | None]:
-        """Batch -> (token sequence (B, P + H + C, D) float32, h (B, 176), Location MoE output or None)."""
+    def embed_inputs(self, batch: dict[str, torch.Tensor], seen: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, MoEOutput | None]:
+        """Batch -> (token sequence (B, P + H + C, D) float32, h (B, 176), Location MoE output or None).
+        `seen`, when given, receives the token features (INTERMEDIATES)."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise DataError(f"batch lacks keys {missing}; expected {list(BATCH_KEYS)}")
@@ -276,6 +227,8 @@ class NextLocMoE(nn.Module):
 
         current_features = self.token_features(b["cur_xy"], b["cur_weekday"], b["cur_hour"],
                                                b["cur_duration"])                       # (B, C, 176)
+        if seen is not None:
+            seen.update(history_features=history_features, current_features=current_features)
         location = None
         if self.location_moe is not None:
             shared = current_features[..., :cfg.coord_dim]                              # (B, C, 128)
@@ -293,113 +246,13 @@ class NextLocMoE(nn.Module):
 
     def run_backbone(self, tokens: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
         """(B, T, D) input embeddings, h (B, 176) -> hidden states (B, T, D) BEFORE the final norm, P-MoE outputs.
-
-        Shared prompt prefix: the prompt tokens attend only to each other (causal mask), so until something
-        specific to a sample reaches them their hidden states are the same for every sample. We then run the
-        prompt once (batch 1) and let the trajectory tokens attend to its cached keys/values: the same function
-        (tested), at 45 instead of P + 45 tokens per sample in those layers.
-          * model.prompt_reads_history=True (paper): the prompt tokens' P-MoE gates read the sample's h, so the
-            prompt is shared only up to the first P-MoE layer (SmolLM2, P-MoE at 8: 8 of 12 layers);
-          * model.prompt_reads_history=False (ours, docs/design.md §4): the prompt tokens route with h = 0, the
-            prompt is the same for every sample through ALL layers and one prompt cache serves the batch.
-        With several processes the returned prompt rows are the broadcast batch-1 states.
-        """
-        x = tokens.to(self.backbone_dtype)
-        B, T, _ = x.shape
-        P = self.prompt_length
-        if not P:
-            shared = 0
-        elif self.cfg.prompt_reads_history:
-            shared = min((int(i) for i in self.personalized_moe), default=len(self.llama.layers))
-        else:
-            shared = len(self.llama.layers)
-        personalized: list[MoEOutput] = []
-        if shared > 0 and B > 1 and self.share_prompt_prefix:
-            x, personalized = self._run_shared_prefix(x, P, shared, history)          # (B, T, D) at layer `shared`
-        else:
-            shared = 0
-        position_ids = torch.arange(T, device=x.device)[None]                          # (1, T)
-        position_embeddings = self.llama.rotary_emb(x, position_ids=position_ids)       # (cos, sin), each (1, T, hd)
-        mask = causal_attention_mask(self.llama.config, x, position_ids)
-        for i, layer in enumerate(self.llama.layers):
-            if i < shared:
-                continue
-            moe = self.personalized_moe[str(i)] if str(i) in self.personalized_moe else None
-            if moe is None:
-                out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
-                x = out[0] if isinstance(out, tuple) else out
-                continue
-            # the decoder layer, spelled out so the FFN can be the Personalized MoE reading h
-            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
-                                           position_ids=position_ids, position_embeddings=position_embeddings)
-            x = x + attention                                                           # (B, T, D)
-            moe_out = self._personalized_ffn(moe, layer.post_attention_layernorm(x), history, P)
-            x = x + moe_out.output                                                      # (B, T, D)
-            personalized.append(moe_out)
-        return x, personalized
+        The decoder loop with the Personalized MoE and the shared prompt prefix: model/decoder.py."""
+        return run_decoder(self.llama, self.personalized_moe, tokens.to(self.backbone_dtype), history,
+                           self.prompt_length, self.cfg.prompt_reads_history, self.share_prompt_prefix)
 
     @property
     def prompt_length(self) -> int:
         return 0 if self.prompt_embeddings is None else int(self.prompt_embeddings.shape[0])
-
-    def _personalized_ffn(self, moe: PersonalizedMoE, hidden: torch.Tensor, history: torch.Tensor,
-                          P: int) -> MoEOutput:
-        """The P-MoE on (B, T, D) FFN inputs; with prompt_reads_history=False the first P (prompt) tokens route
-        with h = 0 and the rest with the sample's h."""
-        if not P or self.cfg.prompt_reads_history:
-            return moe(hidden, history.to(hidden.dtype))
-        B = hidden.shape[0]
-        prompt = moe(hidden[:, :P], history.new_zeros(B, history.shape[-1]).to(hidden.dtype))
-        return concat_moe_outputs(prompt, moe(hidden[:, P:], history.to(hidden.dtype)))
-
-    def _run_shared_prefix(self, x: torch.Tensor, P: int, shared: int,
-                           history: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
-        """Layers [0, shared): the prompt x[:1, :P] once, the trajectory x[:, P:] attending to its keys/values.
-
-        A P-MoE layer among them (prompt_reads_history=False only) runs the prompt's FFN with h = 0 and the
-        trajectory's with the sample's h; its MoEOutput covers all P + S tokens, the prompt rows broadcast.
-        """
-        B, T, _ = x.shape
-        S = T - P
-        prompt, trajectory = x[:1, :P], x[:, P:]                                        # (1, P, D), (B, S, D)
-        pos_p = torch.arange(P, device=x.device)[None]                                  # (1, P)
-        pos_s = torch.arange(P, T, device=x.device)[None]                               # (1, S)
-        rope_p = self.llama.rotary_emb(prompt, position_ids=pos_p)
-        rope_s = self.llama.rotary_emb(trajectory, position_ids=pos_s)
-        full_mask = causal_attention_mask(self.llama.config, x[:1], torch.arange(T, device=x.device)[None])
-        mask_p = None if full_mask is None else full_mask[..., :P, :P]
-        if full_mask is None:   # sdpa's implicit causal mask: build the rectangular one (query j sees keys <= P + j)
-            mask_s = torch.ones(S, T, dtype=torch.bool, device=x.device).tril(diagonal=P)[None, None]  # (1, 1, S, T)
-        else:
-            mask_s = full_mask[..., P:, :]                                              # (1, 1, S, T)
-        cache = PrefixCache()
-        personalized = []
-        for i, layer in enumerate(self.llama.layers[:shared]):
-            moe = self.personalized_moe[str(i)] if str(i) in self.personalized_moe else None
-            if moe is None:
-                cache.recording = True
-                out = layer(prompt, attention_mask=mask_p, position_ids=pos_p, position_embeddings=rope_p,
-                            past_key_values=cache)
-                prompt = out[0] if isinstance(out, tuple) else out
-                cache.recording = False
-                out = layer(trajectory, attention_mask=mask_s, position_ids=pos_s, position_embeddings=rope_s,
-                            past_key_values=cache)
-                trajectory = out[0] if isinstance(out, tuple) else out
-                continue
-            cache.recording = True
-            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(prompt), attention_mask=mask_p,
-                                           position_ids=pos_p, position_embeddings=rope_p, past_key_values=cache)
-            prompt = prompt + attention                                                  # (1, P, D)
-            cache.recording = False
-            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(trajectory), attention_mask=mask_s,
-                                           position_ids=pos_s, position_embeddings=rope_s, past_key_values=cache)
-            trajectory = trajectory + attention                                          # (B, S, D)
-            zero_h = history.new_zeros(1, history.shape[-1]).to(prompt.dtype)
-            moe_p = moe(layer.post_attention_layernorm(prompt), zero_h)
-            moe_s = moe(layer.post_attention_layernorm(trajectory), history.to(trajectory.dtype))
-            prompt, trajectory = prompt + moe_p.output, trajectory + moe_s.output
-            personalized.append(concat_moe_outputs(moe_p, moe_s))
-        return torch.cat([prompt.expand(B, -1, -1), trajectory], dim=1), personalized  # (B, T, D)
 
     # ------------------------------------------------------------------------------------------------------
     # forward, loss, predictions
@@ -424,13 +277,20 @@ class NextLocMoE(nn.Module):
             return shared
         return self.location_moe.embed_known_function(z, self.head.candidate_function, shared)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        tokens, h, location = self.embed_inputs(batch)                                  # (B, T, D), (B, 176)
+    def forward(self, batch: dict[str, torch.Tensor], return_intermediates: bool = False) -> ModelOutput:
+        """The paper's figure, top to bottom. With `return_intermediates` the output also carries a dict of what
+        each stage computed (INTERMEDIATES); the computation is the same either way."""
+        seen: dict[str, torch.Tensor] | None = {} if return_intermediates else None
+        tokens, h, location = self.embed_inputs(batch, seen)                            # (B, T, D), (B, 176)
         hidden, personalized = self.run_backbone(tokens, h)                             # (B, T, D)
         state = final_norm_float32(self.llama.norm, hidden[:, -1])                      # (B, D) float32
+        if seen is not None:
+            seen.update(tokens=tokens, hidden=hidden, state=state)
         if self.cfg.head == "regression":
-            return ModelOutput(self.head(state), None, location, personalized, h)
+            return ModelOutput(self.head(state), None, location, personalized, h, seen)
         scores = self.head(state, self.candidate_location_embeddings())                 # (B, L)
+        if seen is not None:
+            seen["generator_scores"] = scores
         if self.pointer is not None:    # log p of the copy mixture: still a score per candidate, normalised
             missing = [k for k in POINTER_KEYS if k not in batch]
             if missing:
@@ -439,14 +299,15 @@ class NextLocMoE(nn.Module):
             P = hidden.shape[1] - batch["hist_location"].shape[1] - batch["cur_location"].shape[1]
             keys = final_norm_float32(self.llama.norm, hidden[:, P:])                     # (B, H + C, D)
             window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(scores.device)  # (B, H + C)
-            scores = self.pointer(state, keys, window, scores)                            # (B, L) log p
-        return ModelOutput(None, scores, location, personalized, h)
+            scores = self.pointer(state, keys, window, scores, seen)                      # (B, L) log p
+        return ModelOutput(None, scores, location, personalized, h, seen)
 
     def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Paper Sec. 4.4: mean distance in metres + lambda * mean P-MoE gate entropy (regression head);
         cross-entropy over candidates (+ optional expected distance) + the same entropy term (ranking head).
         Ours: the entropy term becomes lambda * (H + beta * imbalance), beta = model.balance_weight and imbalance
-        = `routing_imbalance`; at beta = 1 that is lambda * (ln E - I(token; expert)), each averaged over layers.
+        the P-MoE layer's balance term (`personalized_moe.routing_imbalance`); at beta = 1 that is
+        lambda * (ln E - I(token; expert)), each averaged over layers (docs/design.md §5.2).
 
         Returns (loss, parts): parts are detached scalars for logging.
         """
@@ -454,7 +315,7 @@ class NextLocMoE(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         if out.personalized:
             entropy = torch.stack([o.entropy.float() for o in out.personalized]).mean()
-            imbalance = torch.stack([routing_imbalance(o.gate_probs) for o in out.personalized]).mean()
+            imbalance = torch.stack([o.imbalance for o in out.personalized]).mean()
         else:
             entropy = imbalance = torch.zeros((), device=self.device)
         if cfg.head == "regression":
@@ -534,50 +395,6 @@ class NextLocMoE(nn.Module):
             "trainable_token_features": count(self.token_features) + count(self.token_projections),
             "trainable_head": count(self.head),
         }
-
-
-DENSE_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")   # the FFN projections that get a LoRA
-
-
-def add_dense_lora(llama: nn.Module, r: int, alpha: float, dropout: float) -> int:
-    """Put a peft LoRA on gate/up/down of every decoder layer's FFN (frozen base + trainable low-rank update).
-
-    The NextLocLLM-style baseline's trainable capacity inside the backbone: the same adapter as one role expert
-    of the Personalized MoE (rank r, scaling alpha / r, dropout on the LoRA input), on every layer instead of 11
-    experts on two layers. `peft.inject_adapter_in_model` replaces each nn.Linear in place by a peft
-    `lora.Linear` (the frozen original as `base_layer`, A and B as `lora_A.default` / `lora_B.default`), so the
-    model's own layer loop runs unchanged. A is drawn like an nn.Linear's weight, B starts at zero: the wrapped
-    model computes exactly the frozen FFN until training moves it. Returns the number of wrapped layers.
-    """
-    if inject_adapter_in_model is None:
-        raise ConfigError("model.dense_lora=True needs the package 'peft', which is not installed; run `make install`")
-    already = [name for name, module in llama.named_modules() if isinstance(module, LoraLayer)]
-    if already:
-        raise ConfigError(f"add_dense_lora: {already[0]} already holds a LoRA ({len(already)} such modules); "
-                          "expected a backbone without adapters")
-    targets = [f"layers.{i}.mlp.{name}" for i in range(len(llama.layers)) for name in DENSE_LORA_TARGETS]
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    requires_grad = {name: p.requires_grad for name, p in llama.named_parameters()}
-    inject_adapter_in_model(lora, llama)
-    # peft freezes every parameter that is not an adapter's; the backbone's own keep their flags (the RMSNorms
-    # stay trainable, paper Sec. 4). The wrapped projections' weights are renamed `base_layer.weight` and stay frozen.
-    for name, p in llama.named_parameters():
-        if name in requires_grad:
-            p.requires_grad_(requires_grad[name])
-    return len(llama.layers)
-
-
-def randomly_initialised(backbone: Backbone, seed: int) -> Backbone:
-    """The same backbone (config, depth, tokenizer, dtype, device) with freshly drawn weights: the
-    pretrained-vs-random ablation. transformers' own initialisation, seeded by `seed`."""
-    if backbone.model is None:
-        raise ConfigError(f"backbone '{backbone.name}' has no model to re-initialise (loaded with config_only)")
-    weight = backbone.model.get_input_embeddings().weight
-    torch.manual_seed(seed)
-    with torch.device(weight.device):
-        model = LlamaForCausalLM._from_config(backbone.model.config, dtype=weight.dtype)
-    return dataclasses.replace(backbone, model=model.eval(), source=f"{backbone.source}+random-init",
-                               config=model.config)
 
 
 def build_model(cfg: ModelConfig, norm_stats: Any, candidates_xy: Any = None,

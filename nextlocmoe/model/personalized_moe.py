@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -62,55 +61,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-
-ROUTINGS = ("threshold", "topk")
-EXPERT_COMPUTES = ("auto", "grouped", "pairs")
-# what "auto" runs on each device type: the fastest in benchmarks/bench_moe.py (results/bench_moe.csv)
-AUTO_EXPERT_COMPUTE = {"cpu": "grouped", "cuda": "pairs"}
-
-
-@dataclass
-class PersonalizedMoEConfig:
-    num_experts: int = 11          # role experts: 10 named roles + "Undefined" (paper Sec. 4.2)
-    routing: str = "threshold"     # "threshold" (paper default) or "topk"
-    threshold: float = 0.8         # threshold routing: cumulative gate probability to reach (paper/reference: 0.8)
-    max_experts: int = 5           # threshold routing: at most this many experts per token (reference: 5)
-    top_k: int = 2                 # top-k routing: experts per token (reference: 2)
-    lora_r: int = 16               # LoRA rank of every expert (reference: r=16)
-    lora_alpha: float = 16.0       # LoRA alpha; the low-rank update is scaled by alpha / r (reference: 16)
-    lora_dropout: float = 0.02     # dropout on each LoRA input (reference: 0.02)
-    gate_hidden: int = 128         # hidden width of the gate MLP; ours (no source fixes it, docs/design.md §5.2; 128
-                                   # matches the Location Semantics MoE gate 352->128->5 of the reference)
-    renormalize: bool = False      # divide the kept probabilities by their sum; False as in the reference
-    expert_compute: str = "auto"   # ours: "grouped" (loop over experts on their own tokens), "pairs" (all
-                                   # selected pairs in one batch, block matmuls); "auto" = the fastest
-                                   # measured per device (AUTO_EXPERT_COMPUTE). Same function every way.
-
-    def validate(self) -> "PersonalizedMoEConfig":
-        checks = [
-            ("num_experts", isinstance(self.num_experts, int) and self.num_experts >= 1, "an integer >= 1"),
-            ("routing", self.routing in ROUTINGS, f"one of {list(ROUTINGS)}"),
-            ("threshold", 0.0 < self.threshold <= 1.0, "a probability in (0, 1]"),
-            ("max_experts", isinstance(self.max_experts, int) and self.max_experts >= 1, "an integer >= 1"),
-            ("top_k", isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
-             f"an integer in [1, num_experts={self.num_experts}]"),
-            ("lora_r", isinstance(self.lora_r, int) and self.lora_r >= 1, "an integer >= 1"),
-            ("lora_alpha", self.lora_alpha > 0, "a number > 0"),
-            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a probability in [0, 1)"),
-            ("gate_hidden", isinstance(self.gate_hidden, int) and self.gate_hidden >= 1, "an integer >= 1"),
-            ("expert_compute", self.expert_compute in EXPERT_COMPUTES, f"one of {list(EXPERT_COMPUTES)}"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"personalized_moe.{name}={getattr(self, name)!r} is invalid; expected {expected}")
-        return self
-
+from .config import AUTO_EXPERT_COMPUTE, ROUTINGS, PersonalizedMoEConfig
 
 class MoEOutput(NamedTuple):
+    """What an MoE layer returns: its output and, beside it, the gate and the two auxiliary loss terms."""
     output: torch.Tensor       # (B, T, D) the layer's output, in place of the FFN's
     gate_probs: torch.Tensor   # (B, T, E) softmax over the experts, float32
     selected: torch.Tensor     # (B, T, E) bool, the experts routing kept for each token
-    entropy: torch.Tensor      # () mean over tokens of the entropy of gate_probs (the loss regulariser)
+    entropy: torch.Tensor      # () mean over tokens of the entropy of gate_probs (the paper's regulariser)
+    imbalance: torch.Tensor    # () ln E - H(mean gate over the tokens): `routing_imbalance` (our balance term)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,6 +126,38 @@ def gate_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum(dim=-1).mean()
     return probs, entropy
+
+
+def routing_imbalance(gate_probs: torch.Tensor) -> torch.Tensor:
+    """ln E - H(mean gate): 0 when the tokens use the E experts equally on average, ln E when they all put
+    their mass on the same one. gate_probs (..., E) -> () float32.
+
+    The paper's entropy term H (mean over tokens of each gate's entropy) sharpens each token's gate; on its
+    own it is minimised fastest by one expert for every token (a shared bias), which is what the gates here
+    did within ten steps. H + imbalance = ln E - (H(mean gate) - H) = ln E - I(token; expert): penalising both
+    rewards sharp gates only where different tokens pick different experts, i.e. where routing reads the
+    input (Switch-style load balancing in entropy form; docs/design.md §5.2). The model's loss weighs it by
+    model.balance_weight."""
+    mean = gate_probs.float().reshape(-1, gate_probs.shape[-1]).mean(0)               # (E,)
+    return math.log(mean.numel()) + (mean * mean.clamp_min(1e-12).log()).sum()
+
+
+def moe_output(output: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor,
+               entropy: torch.Tensor) -> MoEOutput:
+    """MoEOutput with its balance term computed from `probs` (every MoE layer builds its result here)."""
+    return MoEOutput(output, probs, selected, entropy, routing_imbalance(probs))
+
+
+def concat_moe_outputs(first: MoEOutput, second: MoEOutput) -> MoEOutput:
+    """The MoEOutput of tokens [first ; second] along T, as if one call had routed them all; a batch-1 `first`
+    (the shared prompt) is broadcast over the batch. The entropy is the mean over all B x T tokens and the
+    imbalance is recomputed from the concatenated gates (a mean gate does not split into the parts' terms)."""
+    B = second.output.shape[0]
+    T1, T2 = first.output.shape[1], second.output.shape[1]
+    cat = lambda a, b: torch.cat([a.expand(B, *a.shape[1:]), b], dim=1)
+    entropy = (first.entropy * T1 + second.entropy * T2) / (T1 + T2)
+    return moe_output(cat(first.output, second.output), cat(first.gate_probs, second.gate_probs),
+                      cat(first.selected, second.selected), entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,7 +278,7 @@ class PersonalizedMoE(nn.Module):
         selected = route(probs.detach(), self.cfg)                                # (B, T, E) bool
         weights = routing_weights(probs, selected, self.cfg.renormalize)          # (B, T, E)
         output = self.mix_experts(hidden, weights.to(hidden.dtype), selected)     # (B, T, D)
-        return MoEOutput(output, probs, selected, entropy)
+        return moe_output(output, probs, selected, entropy)
 
     def resolved_expert_compute(self, device: torch.device) -> str:
         """The formulation `expert_compute` stands for on `device` ("auto": the fastest measured there)."""
@@ -502,4 +493,4 @@ class NaivePersonalizedMoE(nn.Module):
         weights = routing_weights(probs, selected, self.cfg.renormalize).to(hidden.dtype)
         expert_outputs = torch.stack([expert(hidden) for expert in self.experts], dim=-2)   # (B, T, E, D)
         output = (weights[..., None] * expert_outputs).sum(dim=-2)                   # (B, T, D)
-        return MoEOutput(output, probs, selected, entropy)
+        return moe_output(output, probs, selected, entropy)

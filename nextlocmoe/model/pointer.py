@@ -99,9 +99,10 @@ class CopyMixture(nn.Module):
         return self.gate(state.float())
 
     def forward(self, state: torch.Tensor, keys: torch.Tensor, window_location: torch.Tensor,
-                gen_logits: torch.Tensor) -> torch.Tensor:
+                gen_logits: torch.Tensor, seen: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """state (B, Ds), keys (B, T, Dk), window_location (B, T) ids in [0, L), gen_logits (B, L)
-        -> log p (B, L) float32, a normalised log-probability over candidates."""
+        -> log p (B, L) float32, a normalised log-probability over candidates. `seen`, when given, receives
+        "copy_gate" g (B, 1) and "copy_attention" a (B, T)."""
         B, L = gen_logits.shape
         if window_location.shape != keys.shape[:2]:
             raise DataError(f"window_location has shape {tuple(window_location.shape)}; expected "
@@ -117,5 +118,7 @@ class CopyMixture(nn.Module):
         log_copy = torch.where(visited, torch.log(torch.where(visited, copy, torch.ones_like(copy))),
                                torch.full_like(copy, -math.inf))
         gate = self.gate_logit(state)                                           # (B, 1)
+        if seen is not None:
+            seen.update(copy_gate=torch.sigmoid(gate), copy_attention=attention)
         log_gen = F.log_softmax(gen_logits.float(), dim=-1)                     # (B, L)
         return torch.logaddexp(F.logsigmoid(gate) + log_copy, F.logsigmoid(-gate) + log_gen)   # (B, L)
