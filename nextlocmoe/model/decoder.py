@@ -16,7 +16,7 @@ trajectory tokens attend to them: the same function (tested against the plain lo
 P + H + C tokens per sample in those layers.
   * prompt_reads_history=True (paper): the prompt tokens' P-MoE gates read the sample's h, so the prompt is
     shared only up to the first P-MoE layer (SmolLM2, P-MoE at 8: 8 of 12 layers);
-  * prompt_reads_history=False (ours, docs/design.md §4): the prompt tokens route with h = 0, the prompt is
+  * prompt_reads_history=False (ours, docs/design.md §5.2): the prompt tokens route with h = 0, the prompt is
     the same for every sample through ALL layers and one prompt cache serves the batch.
 """
 

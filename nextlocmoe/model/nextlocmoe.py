@@ -91,6 +91,32 @@ def distinct_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings / embeddings.pow(2).mean().sqrt().clamp_min(1e-12)
 
 
+def check_inputs(norm_stats: Any, candidates_xy: Any, candidate_function: Any
+                 ) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None]:
+    """The model's data-dependent inputs, checked: (norm_stats as floats, candidates (L, 2) float64 metres or
+    None, candidate functions (L,) int64 index into FUNCTIONS, -1 unknown, or None)."""
+    stats = {k: float(norm_stats[k] if isinstance(norm_stats, dict) else getattr(norm_stats, k))
+             for k in ("x_mean", "x_std", "y_mean", "y_std")}
+    if not (stats["x_std"] > 0 and stats["y_std"] > 0):
+        raise DataError(f"norm_stats x_std and y_std must be > 0 (metres), got {stats}")
+    xy = None
+    if candidates_xy is not None:
+        xy = np.asarray(candidates_xy, dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0 or not np.isfinite(xy).all():
+            raise DataError(f"candidates_xy must be a finite (L, 2) array of metres with L >= 1, got shape {xy.shape}")
+    function = None
+    if candidate_function is not None:
+        function = np.asarray(candidate_function, dtype=np.int64)
+        num_candidates = 0 if xy is None else len(xy)
+        if function.shape != (num_candidates,):
+            raise DataError(f"candidate_function must have shape (L,) = ({num_candidates},) matching "
+                            f"candidates_xy, got {function.shape}")
+        if ((function < -1) | (function >= len(FUNCTIONS))).any():
+            raise DataError(f"candidate_function must hold indices into FUNCTIONS (0..{len(FUNCTIONS) - 1}) "
+                            "or -1 for unknown")
+    return stats, xy, function
+
+
 class NextLocMoE(nn.Module):
     """LLaMA backbone + Location Semantics MoE + Personalized MoE + history-aware router (paper Sec. 4)."""
 
@@ -146,21 +172,8 @@ class NextLocMoE(nn.Module):
         self.role_names = role_names(cfg.personalized.num_experts) if cfg.use_personalized_moe else ()
 
         # --- candidates (needed by the ranking head and by predict_scores of the regression head)
-        self.norm_stats = {k: float(norm_stats[k] if isinstance(norm_stats, dict) else getattr(norm_stats, k))
-                           for k in ("x_mean", "x_std", "y_mean", "y_std")}
-        if not (self.norm_stats["x_std"] > 0 and self.norm_stats["y_std"] > 0):
-            raise DataError(f"norm_stats x_std and y_std must be > 0 (metres), got {self.norm_stats}")
-        self.candidates_xy = None if candidates_xy is None else self._check_candidates(candidates_xy)  # (L, 2) float64
-        self.candidate_function = None
-        if candidate_function is not None:
-            self.candidate_function = np.asarray(candidate_function, dtype=np.int64)
-            num_candidates = 0 if self.candidates_xy is None else len(self.candidates_xy)
-            if self.candidate_function.shape != (num_candidates,):
-                raise DataError(f"candidate_function must have shape (L,) = ({num_candidates},) matching "
-                                f"candidates_xy, got {self.candidate_function.shape}")
-            if ((self.candidate_function < -1) | (self.candidate_function >= len(FUNCTIONS))).any():
-                raise DataError(f"candidate_function must hold indices into FUNCTIONS (0..{len(FUNCTIONS) - 1}) "
-                                "or -1 for unknown")
+        self.norm_stats, self.candidates_xy, self.candidate_function = check_inputs(norm_stats, candidates_xy,
+                                                                                    candidate_function)
 
         # --- head (Sec. 4.4)
         if cfg.head == "regression":
@@ -191,12 +204,6 @@ class NextLocMoE(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     # inputs
-
-    def _check_candidates(self, candidates_xy: Any) -> np.ndarray:
-        xy = np.asarray(candidates_xy, dtype=np.float64)
-        if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0 or not np.isfinite(xy).all():
-            raise DataError(f"candidates_xy must be a finite (L, 2) array of metres with L >= 1, got shape {xy.shape}")
-        return xy
 
     def _zscore(self, xy: np.ndarray) -> torch.Tensor:
         s = self.norm_stats

@@ -34,18 +34,11 @@ Two formulations of the same function live here:
   each of those bytes per pair, so on a CPU or a bf16 GPU the extra time is set by those passes, not by
   FLOPs. Only a kernel that keeps a token's g, u and its experts' rank-r codes in registers would reach the FLOP floor.
 
-  Measured forward + backward over a dense FFN at ~5 / ~1.8 / 2 (top-2) experts per token: results/bench_moe.csv
-  (CPU fp32, 2 threads, quiet 2-core machine, 2,560 tokens at SmolLM2 width) and results/bench_moe_h100.csv
-  (lent H100, bf16, 20,480 tokens; 3B width):
-      CPU   grouped 2.95 / 1.85 / 1.99x   pairs 6.86 / 2.97 / 3.10x   naive 18.7x
-      H100  grouped 8.0 / 3.8 / 4.1x      pairs 5.4 / 2.6 / 2.9x      naive 17.3x
-  At the 3B width on the CPU (80 tokens) grouped costs 1.26 / 1.15 / 1.16x.
-  so "auto" keeps grouped on CPU and pairs on GPUs.
-  Tried and dropped (measured in one run with grouped and pairs on a busier machine): dense masked over all experts (every expert on every token, zero
-  weight where not selected): CPU 5.2 / 4.3 / 4.6x, H100 10.2 / 10.2 / 10.2x; fused custom autograd with
-  recompute (one Function over the F-wide per-pair work in cache-sized blocks, the backward recomputing it):
-  CPU 2.87 / 1.67 / 1.65x (within noise of grouped, ahead only at sharp routing), H100 8.6 / 3.7 / 4.2x;
-  torch.compile of the per-expert block (CPU): ~22 s to compile for a 3% gain.
+  Measured costs of each formulation over a dense FFN (CPU and a lent H100, at threshold and top-2 routing)
+  are in results/bench_moe.csv and results/bench_moe_h100.csv (`benchmarks/bench_moe.py` writes them, with the
+  machine in their provenance); "auto" picks per device from those measurements (AUTO_EXPERT_COMPUTE in
+  model/config.py). Formulations tried and dropped (a dense mask over all experts, a fused autograd Function
+  with recompute, torch.compile of the per-expert block) are listed in docs/design.md §3.5.
 * `NaivePersonalizedMoE`, the reference code's formulation (one deep copy of the FFN per expert, every expert
   on every token); kept as the trusted baseline of the tests and the benchmark.
 """
