@@ -3,7 +3,7 @@
 Every frame here is built by hand with the column sets the real files carry (results/*.csv in the tidy
 schema, train()'s history.csv / steps.csv, nextlocmoe.analysis tables). The expected numbers are computed
 in the test from those hand-made inputs (pivots, row sums, means written out), never by calling plots.py,
-and compared with what the figure's bars, images, lines and texts hold.
+and compared with what the figure's bars, heatmap cells, lines and texts hold.
 """
 
 import math
@@ -15,7 +15,7 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
+from matplotlib.collections import QuadMesh
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
@@ -64,6 +64,12 @@ def with_intervals(rows, half=0.05):
                 bounds[f"{metric}_hi"] = min(value + half, 1.0)
         out.append((m, k, d, v, {**metrics, **bounds}))
     return out
+
+
+def heatmap_cells(ax):
+    """The (rows, columns) values of the one heatmap of `ax` (seaborn draws a QuadMesh), NaN where blank."""
+    (mesh,) = [a for a in ax.get_children() if isinstance(a, QuadMesh)]
+    return np.ma.filled(np.ma.asarray(mesh.get_array(), dtype=float), np.nan)
 
 
 def data_axes(fig):
@@ -424,8 +430,7 @@ def test_role_expert_heatmap_cells():
     order = ["Student", "Visitor", "Undefined"]          # schema.ROLES order
     assert [t.get_text() for t in axes[0].get_yticklabels()] == order
     for ax, layer in zip(axes, (8, 10)):
-        (image,) = [a for a in ax.get_children() if isinstance(a, AxesImage)]
-        cells = np.asarray(image.get_array())
+        cells = heatmap_cells(ax)
         assert cells.shape == (3, 4)
         for i, role in enumerate(order):
             r = ["Visitor", "Student", "Undefined"].index(role)
@@ -435,8 +440,7 @@ def test_role_expert_heatmap_cells():
     # one shared colour scale, one colour bar
     assert len(fig.axes) == 3
     selected = plots.plot_role_expert_heatmap(role_frame(with_name=False), value="selected_rate")
-    image = [a for a in data_axes(selected)[0].get_children() if isinstance(a, AxesImage)][0]
-    assert np.asarray(image.get_array())[0] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert heatmap_cells(data_axes(selected)[0])[0] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     with pytest.raises(ConfigError, match="selected_rate"):
         plots.plot_role_expert_heatmap(df.drop(columns="selected_rate"))
 
@@ -452,8 +456,7 @@ def test_function_gate_heatmap_is_row_normalised():
     fig = plots.plot_function_gate_heatmap(pd.DataFrame(rows))
     check_readable(fig)
     (ax,) = data_axes(fig)
-    (image,) = [a for a in ax.get_children() if isinstance(a, AxesImage)]
-    cells = np.ma.filled(np.asarray(image.get_array(), dtype=float), np.nan)
+    cells = heatmap_cells(ax)
     assert cells.shape == (5, 5)
     assert cells[2] == pytest.approx([0.5, 0.25, 0.25, 0.0, 0.0])
     assert cells[0] == pytest.approx(raw[0])

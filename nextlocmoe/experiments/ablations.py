@@ -152,7 +152,7 @@ def choose_ablation_head(runner: Runner, data: DatasetHandle) -> dict[str, Any]:
             "val_hit@10": val}
 
 
-@register_experiment("ablations", order=3, notebook="04_ablations.ipynb", summary="ablation",
+@register_experiment("ablations", order=3, notebook="04_ablations.ipynb",
                      description="Ablations of NextLocMoE, every variant at the same budget.")
 def ablations(runner: Runner) -> list[str]:
     plan = runner.plan

@@ -176,7 +176,7 @@ def backbone_overhead(model_cfg: ModelConfig, windows: Windows, batch_sizes: tup
 LARGE_BACKBONE = "llama3.2-3b-shape"
 
 
-@register_experiment("efficiency", order=4, notebook="05_efficiency.ipynb", layout="metrics", summary="speed",
+@register_experiment("efficiency", order=4, notebook="05_efficiency.ipynb", layout="metrics",
                      description="Efficiency: parameters, training and inference speed, latency, memory.")
 def efficiency(runner: Runner) -> list[str]:
     plan = runner.plan

@@ -34,8 +34,6 @@ from .core import Runner
 from .datasets import DatasetHandle
 from .registry import Method, register_method
 
-NEXTLOCMOE_RED = "#c0392b"
-
 
 def _counting(name: str):
     return lambda plan, seed: BASELINES[name]()
@@ -46,22 +44,23 @@ def _neural(name: str):
                                                                    patience=plan.baseline_patience, seed=seed))
 
 
-for _order, (_name, _label, _color, _make) in enumerate([
-        ("popularity", "most popular training target, same for everyone", "#8a8a8a", _counting("popularity")),
-        ("last_location", "the current place again (stay where you are; popularity for the rest)", "#b3a28a",
+# figure colours are the report's (nextlocmoe/report/style.py); tests/test_report_style.py checks every
+# method registered here has one
+for _order, (_name, _label, _make) in enumerate([
+        ("popularity", "most popular training target, same for everyone", _counting("popularity")),
+        ("last_location", "the current place again (stay where you are; popularity for the rest)",
          _counting("last_location")),
         ("window_centroid", "the places nearest the mean position of the window (the regression head's floor)",
-         "#c7b9a5", _counting("window_centroid")),
+         _counting("window_centroid")),
         ("user_most_frequent", "most frequent place of the window's own records (popularity breaks ties)",
-         "#8c6d4f", _counting("user_most_frequent")),
-        ("markov", "first-order transitions from the current place (smoothed, popularity prior)", "#b8b332",
+         _counting("user_most_frequent")),
+        ("markov", "first-order transitions from the current place (smoothed, popularity prior)",
          _counting("markov")),
-        ("lstm", "LSTM classifier over the window's place ids and times", "#1b9e9e", _neural("lstm")),
-        ("transformer", "MHSA-style (causal transformer) classifier over the window", "#41ab5d",
-         _neural("transformer")),
+        ("lstm", "LSTM classifier over the window's place ids and times", _neural("lstm")),
+        ("transformer", "MHSA-style (causal transformer) classifier over the window", _neural("transformer")),
         ("transformer_pointer", "the same transformer with the ranking head's copy mixture over the window's places",
-         "#006d2c", _neural("transformer_pointer"))]):
-    register_method(Method(_name, "baseline", "baseline", _label, _color, make=_make, order=10 + _order))
+         _neural("transformer_pointer"))]):
+    register_method(Method(_name, "baseline", "baseline", _label, make=_make, order=10 + _order))
 
 
 def _nextlocllm(base: ModelConfig) -> ModelConfig:
@@ -70,17 +69,14 @@ def _nextlocllm(base: ModelConfig) -> ModelConfig:
 
 
 register_method(Method("nextlocllm", "baseline", "model", "NextLocLLM-style: same backbone and prompt, regression "
-                       "head, no MoE, no router, LoRA on every FFN", "#2c7fb8", model_config=_nextlocllm, order=20))
+                       "head, no MoE, no router, LoRA on every FFN", model_config=_nextlocllm, order=20))
 register_method(Method("nextlocmoe", "paper method", "model", "NextLocMoE as in the paper (regression head + KD-tree)",
-                       NEXTLOCMOE_RED, model_config=lambda base: dataclasses.replace(base, head="regression"),
-                       order=30))
-register_method(Method("nextlocmoe_ranking", "extension", "model", "NextLocMoE with this project's ranking head (candidate softmax + copy mixture over the window)",
-                       "#e67e22", model_config=lambda base: dataclasses.replace(base, head="ranking"), order=31))
+                       model_config=lambda base: dataclasses.replace(base, head="regression"), order=30))
+register_method(Method("nextlocmoe_ranking", "extension", "model", "NextLocMoE with this project's ranking head "
+                       "(candidate softmax + copy mixture over the window)",
+                       model_config=lambda base: dataclasses.replace(base, head="ranking"), order=31))
 register_method(Method("llm_mob", "baseline", "prompted", "LLM-Mob-style: the generative backbone prompted with the "
-                       "visits as text, no training", "#7b5ea7", supervised=False, order=40))
-# not a method: the speed ratio row of the efficiency table, registered so that its colour and kind are known
-register_method(Method("nextlocmoe_vs_llm_mob", "comparison", "prompted", "NextLocMoE samples/s over LLM-Mob's",
-                       NEXTLOCMOE_RED, supervised=False, order=90))
+                       "visits as text, no training", supervised=False, order=40))
 
 
 def head_method(head: str) -> str:

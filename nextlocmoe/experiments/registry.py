@@ -1,8 +1,11 @@
 """The three registries of the harness: methods, experiments and ablation groups.
 
 Everything that lists methods or experiments reads these tables: the supervised experiment's rows, the CLI's
-choices (`nextlocmoe run <experiment>`, `nextlocmoe train --method`), the notebook list (nextlocmoe.notebooks),
-the figure colours (nextlocmoe.report.figures) and the computed summaries (nextlocmoe.report.summaries).
+choices (`nextlocmoe run <experiment>`, `nextlocmoe train --method`) and the notebook list (nextlocmoe.notebooks).
+The report layer does not: it reads the results files (each row carries its method's kind) and owns how it
+draws and words them (colours: nextlocmoe/report/style.py, wording: nextlocmoe/report/summaries.py), so that
+figures and summaries never import this package (core -> train -> torch). A test checks that every method
+registered here has a colour there.
 
 Adding a method is one `register_method(Method(...))` call (README, "Add a method"); adding an experiment is
 one file with a function decorated by `@register_experiment(...)` (README, "Add an experiment"); adding an
@@ -35,10 +38,11 @@ class Method:
     family "prompted": a generative LLM prompted without training (LLM-Mob); run by the zero-shot experiment
     """
     name: str
-    kind: str                                    # one of KINDS: legend text and bar hatch in figures
+    kind: str                                    # one of KINDS: written into every results row (the report
+                                                 # takes legend text and bar hatch from there)
     family: str                                  # one of FAMILIES
-    label: str                                   # one line for README, tables and legends
-    color: str                                   # the fixed colour of this method in every figure
+    label: str                                   # one line that says what the method is (read by people; the
+                                                 # report shows method names, not this)
     supervised: bool = True                      # a row of the supervised table
     model_config: Callable[["ModelConfig"], "ModelConfig"] | None = None
     make: Callable[["PlanConfig", int], Any] | None = None
@@ -65,7 +69,6 @@ class Experiment:
     order: int                                   # position in `nextlocmoe run all` and in the notebook list
     layout: str = "methods"                      # .md pivot: "methods" (a row per method) or "metrics" (a row per
                                                  # metric, a column per method: the efficiency table)
-    summary: str = "ranking"                     # how report.summaries words it: "ranking", "ablation", "speed"
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,14 @@ def methods(*, family: str | None = None, supervised: bool | None = None) -> lis
     return sorted(found, key=lambda m: m.order)
 
 
-def register_experiment(name: str, *, description: str, notebook: str, order: int, layout: str = "methods",
-                        summary: str = "ranking") -> Callable[[Callable[[Any], list[str]]], Callable[[Any], list[str]]]:
-    """Decorator: register `run(runner) -> notes` as experiment `name`."""
+def register_experiment(name: str, *, description: str, notebook: str, order: int, layout: str = "methods"
+                        ) -> Callable[[Callable[[Any], list[str]]], Callable[[Any], list[str]]]:
+    """Decorator: register `run(runner) -> notes` as experiment `name` (how its summary is worded is the
+    report's: report.summaries.WORDING)."""
     def wrap(run: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
         if name in EXPERIMENTS:
             raise ConfigError(f"experiment '{name}' is registered already")
-        EXPERIMENTS[name] = Experiment(name, run, description, notebook, order, layout, summary)
+        EXPERIMENTS[name] = Experiment(name, run, description, notebook, order, layout)
         return run
     return wrap
 

@@ -1,8 +1,10 @@
 """Sentences computed from a results table, so the words a notebook prints always match its numbers.
 
-`summarize(table, experiment)` picks its wording from the experiment's registry entry (`summary`):
-"ranking" (best method per metric, where the paper's method and the extension rank, their gap to the best
-baseline), "ablation" (every variant's change against the full model) or "speed" (the speed ratios).
+`summarize(table, experiment)` picks its wording by experiment (`WORDING`, owned here: wording is the
+report's business, and the report imports nothing of the experiments, which would load torch): "ranking"
+(best method per metric, where the paper's method and the extension rank, their gap to the best baseline),
+"ablation" (every variant's change against the full model) or "speed" (the speed ratios). Which rows are
+"ours" is read from the table's `kind` column (paper method, extension), as the experiments wrote it.
 
 Noise: where the table holds a metric's 95% interval ("<metric>_lo", "<metric>_hi"; Wilson for Hit@k,
 bootstrap for MRR, see `metrics.retrieval_metrics`), a comparison says "within noise" when the two rows'
@@ -19,9 +21,11 @@ import math
 
 import pandas as pd
 
-from ..experiments.registry import EXPERIMENTS, METHODS
-
 INDICATIVE_FRACTION = 0.1   # a row with n < this x the dataset's largest n is indicative only, never ranked
+
+# experiment -> how its table is worded; any other experiment (supervised, zero_shot, a new one) is "ranking"
+WORDING = {"ablations": "ablation", "efficiency": "speed"}
+OURS_KINDS = ("paper method", "extension")   # the rows the sentences single out, in this order
 
 
 def intervals_overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool | None:
@@ -74,7 +78,7 @@ def summarize(table: pd.DataFrame, experiment: str, metrics: tuple[str, ...] = (
           baseline user_most_frequent, within noise); llm_mob 0.600, indicative (n = 10), not ranked.
     """
     t = table.copy()
-    style = EXPERIMENTS[experiment].summary if experiment in EXPERIMENTS else "ranking"
+    style = WORDING.get(experiment, "ranking")
     if style == "speed":
         ratio = t[t["method"] == "nextlocmoe_vs_llm_mob"].set_index("metric")["value"]
         lines = []
@@ -85,8 +89,8 @@ def summarize(table: pd.DataFrame, experiment: str, metrics: tuple[str, ...] = (
             lines.append(f"- Both at their best batch: {ratio['speedup_best_vs_best']:,.1f}x.")
         return "\n".join(lines) + "\n"
     lines = []
-    # the rows the sentences single out: the paper's method and this project's extension (by registry kind)
-    ours = [m.name for m in METHODS.values() if m.kind in ("paper method", "extension") and m.family == "model"]
+    # the rows the sentences single out: the paper's method, then this project's extension (by the rows' kind)
+    ours = list(dict.fromkeys(m for kind in OURS_KINDS for m in t.loc[t["kind"] == kind, "method"]))
     for dataset, d in t.groupby("dataset", sort=False):
         wide = d.pivot_table(index=["method", "kind", "variant"], columns="metric", values="value", sort=False)
         indicative = _indicative(wide)
