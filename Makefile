@@ -4,6 +4,8 @@
 #                    runs/notebooks/<profile>/ instead
 #   make test        create/refresh the same .venv; unit tests, then every notebook on the smoke profile,
 #                    then nbval (lax) re-runs them and compares the cells marked NBVAL_CHECK_OUTPUT
+#   make test-fast   the developer loop: unit tests only, without those marked `slow` (training, experiments,
+#                    two processes, notebooks, the real backbone); `make test` still runs everything
 # Re-running either is fast: the environment is rebuilt only when pyproject.toml or constraints.txt change.
 
 PYTHON ?= python3
@@ -35,6 +37,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 	$(VENV)/bin/nextlocmoe notebooks --profile smoke --device cpu
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax $(SMOKE_NOTEBOOKS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_windows.py

@@ -15,6 +15,14 @@ Several processes (`accelerate launch`, or `ACCELERATE_USE_CPU=1 torchrun --npro
 train on their shard of every epoch's batches (data parallel: a global batch of N x train.batch_size); only the
 main process writes the run directory and prints, and validation / test run once, on the main process, whose
 metrics every process receives (`evaluate_once`). README gives the tested commands.
+
+`train()` reads as four steps, the way a torchtune recipe does: `_setup` (data, model, optimiser, resume),
+`_train_period` (one epoch, or one period of `train.windows_per_epoch` windows), `_end_period` (validate,
+scheduler, history, checkpoints, early-stopping count) and `_finish` (test the best checkpoint, write the run's
+files); before each period `_stops_before` applies early stopping and `stop_after_epochs`. What they share is
+one `_Run`; what is checkpointed in last.pt is its `state` dict, unchanged in layout.
+The training data order (`epoch_loader`, `period_indices`) lives here too: evaluation reads splits in stored
+order and needs none of it.
 """
 
 from __future__ import annotations
@@ -35,9 +43,9 @@ from tqdm.auto import tqdm
 from .baselines import Popularity
 from .config import ExperimentConfig, training_dict
 from .data.prepare import prepare
-from .data.windows import Windows
+from .data.windows import WindowDataset, Windows, identity_collate
 from .errors import NextLocMoEError
-from .evaluation import epoch_loader, evaluate, period_indices
+from .evaluation import evaluate
 from .io import atomic_path, check_writable, provenance, remove_stale_temps, write_json_atomic, write_text_atomic
 from .model import build_model
 from .runs import limited, load_run, load_trainable_state, save_checkpoint, trainable_state
@@ -61,6 +69,40 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------
+# training data order
+
+def epoch_loader(windows: Windows, split: str, batch_size: int, seed: int | None,
+                 indices: list[int] | None = None) -> torch.utils.data.DataLoader:
+    """Batches of one pass over a split; with a seed, the order is a permutation drawn from (seed) only;
+    `indices` gives the windows and their order explicitly (a training period, `period_indices`)."""
+    dataset = WindowDataset(windows, split)
+    if indices is not None:
+        sampler = list(indices)
+    elif seed is None:
+        sampler = range(len(dataset))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        sampler = torch.randperm(len(dataset), generator=g).tolist()
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       collate_fn=identity_collate, num_workers=0)
+
+
+def period_indices(n: int, per_period: int, period: int, seed: int) -> list[int]:
+    """Windows of training period `period` (0-based) when each period takes the next `per_period` windows of a
+    stream of passes over n windows, pass p in the order torch.randperm(n) draws from seed * 100_003 + p.
+
+    Periods tile the stream: pass p is used up before pass p + 1 begins, so every window is seen once per pass
+    and a budget of n windows in periods of n / 3 gives three validation points on three disjoint thirds."""
+    start, stop = period * per_period, (period + 1) * per_period
+    out: list[int] = []
+    for p in range(start // n, (stop - 1) // n + 1):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + p)).tolist()
+        lo, hi = max(start - p * n, 0), min(stop - p * n, n)
+        out.extend(order[lo:hi])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # training
 
 def _training_part(config: dict[str, Any]) -> dict[str, Any]:
@@ -79,17 +121,52 @@ def evaluate_once(accelerator: Accelerator, model, windows: Windows, split: str,
     return metrics[0]
 
 
-def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = False,
-          windows: Windows | None = None, stop_after_epochs: int | None = None) -> TrainResult:
-    """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
+@dataclass
+class _Run:
+    """What the steps of one `train()` call share. Only `state` is checkpointed (last.pt), so a resumed run
+    rebuilds everything else from the config and continues from `state`."""
+    cfg: ExperimentConfig
+    out_dir: Path
+    accelerator: Accelerator
+    windows: Windows                # already limited to the config's subsample (`runs.limited`)
+    model: torch.nn.Module          # as `accelerator.prepare` returned it (possibly wrapped)
+    params: list[torch.nn.Parameter]    # the trainable ones: optimised and gradient-clipped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    # epoch (periods done), best_metric, best_epoch, bad_epochs, history (one row per period) and steps (one
+    # row per training batch: loss parts, routing entropies); its keys and layout are last.pt's
+    state: dict[str, Any]
+    # tqdm's `disable`: True hides the bars (every process but the main one); None leaves it to tqdm, which
+    # shows them when stderr is a terminal. Not `False`: that would force bars into logs and notebooks.
+    hide_bars: bool | None
+    started: float                  # time.perf_counter() when train() was called (TrainResult.wall_s)
 
-    out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch),
-    history.csv (one row per epoch), steps.csv (one row per training batch: loss parts, routing entropies)
-    and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
-    interruption would (tests use it to check that `resume=True` reproduces an uninterrupted run).
-    """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def kept_checkpoint(self) -> str:
+        """Where the last good checkpoint is, for a divergence message."""
+        return str(self.last_path) if self.last_path.exists() else "none (first epoch)"
+
+
+@dataclass
+class _Period:
+    """What one training period hands to `_end_period`."""
+    epoch: int                      # 0-based
+    started: float                  # time.perf_counter() at its start (history's seconds include validation)
+    train_means: dict[str, float]   # mean of each loss part over the period's batches
+
+
+def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows | None,
+           started: float) -> _Run:
+    """Data, model (ranking head at popularity, copy gate at the repeat rate), optimiser and scheduler, then
+    last.pt's state when resuming. The order of the random draws is fixed: seeding comes right before the model
+    is built, so the same config builds the same model whether or not it resumes."""
     tc = cfg.train
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
                               gradient_accumulation_steps=tc.grad_accum)
@@ -113,123 +190,163 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
                                                            patience=tc.plateau_patience)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # `steps` keeps every training batch's loss parts (routing entropy over training is drawn from it)
-    state = dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[], steps=[])
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        if _training_part(ckpt["config"]) != training_dict(cfg):
-            raise NextLocMoEError(f"--resume: {last_path} was written by a different config; "
-                                  "use a new output directory or the same config")
-        load_trainable_state(accelerator.unwrap_model(model), ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        accelerator.print(f"resumed from {last_path.name}: {state['epoch']} epoch(s) done")
+    run = _Run(cfg, out_dir, accelerator, windows, model, params, optimizer, scheduler,
+               state=dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[], steps=[]),
+               hide_bars=None if main else True, started=started)
+    if resume and run.last_path.exists():
+        _resume(run)
     if main:
         write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
-    bars = None if main else True     # tqdm: auto on the main process, silent on the others
+    return run
 
-    epochs = range(state["epoch"], tc.epochs)
-    for epoch in tqdm(epochs, desc="epochs", initial=state["epoch"], total=tc.epochs, disable=bars):
-        if state["bad_epochs"] >= tc.early_stop_patience:
-            accelerator.print(f"early stop: no better validation {SELECTION_METRIC} for "
-                              f"{state['bad_epochs']} epochs")
-            break
-        if stop_after_epochs is not None and epoch >= stop_after_epochs:
-            break
-        epoch_t0 = time.perf_counter()
-        # Data order and dropout depend only on (seed, epoch): resuming reproduces them exactly.
-        torch.manual_seed(tc.seed * 100_003 + epoch)
-        if tc.windows_per_epoch is None:
-            loader = epoch_loader(windows, "train", tc.batch_size, seed=tc.seed * 100_003 + epoch)
-        else:   # a validation period: the next windows_per_epoch windows of a stream of seeded passes
-            indices = period_indices(windows.n_windows("train"), tc.windows_per_epoch, epoch, tc.seed)
-            loader = epoch_loader(windows, "train", tc.batch_size, seed=None, indices=indices)
-        loader = accelerator.prepare(loader)
-        model.train()
-        sums: dict[str, float] = {}
-        n_batches = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=bars)
-        for step, batch in enumerate(bar):
-            with accelerator.accumulate(model):
-                out = model(batch)
-                loss, parts = accelerator.unwrap_model(model).loss(out, batch)
-                if not torch.isfinite(loss):
+
+def _resume(run: _Run) -> None:
+    """Load last.pt into the run: trainable weights, optimiser, scheduler and state (a different config refuses)."""
+    ckpt = torch.load(run.last_path, map_location="cpu", weights_only=False)
+    if _training_part(ckpt["config"]) != training_dict(run.cfg):
+        raise NextLocMoEError(f"--resume: {run.last_path} was written by a different config; "
+                              "use a new output directory or the same config")
+    load_trainable_state(run.accelerator.unwrap_model(run.model), ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.state = ckpt["state"]
+    run.accelerator.print(f"resumed from {run.last_path.name}: {run.state['epoch']} epoch(s) done")
+
+
+def _stops_before(run: _Run, epoch: int, stop_after_epochs: int | None) -> bool:
+    """Whether no period `epoch` is trained: patience used up (checked before the period, so a run resumed after
+    it had stopped early trains no further) or the interruption `stop_after_epochs` asks for."""
+    if run.state["bad_epochs"] >= run.cfg.train.early_stop_patience:
+        run.accelerator.print(f"early stop: no better validation {SELECTION_METRIC} for "
+                              f"{run.state['bad_epochs']} epochs")
+        return True
+    return stop_after_epochs is not None and epoch >= stop_after_epochs
+
+
+def _train_period(run: _Run, epoch: int) -> _Period:
+    """One epoch (or one period of `train.windows_per_epoch` windows) of optimiser steps; every batch's loss
+    parts are appended to state["steps"]. A non-finite loss or gradient raises TrainingDiverged before the
+    optimiser applies it."""
+    tc, accelerator, model = run.cfg.train, run.accelerator, run.model
+    started = time.perf_counter()
+    # Data order and dropout depend only on (seed, epoch): resuming reproduces them exactly.
+    torch.manual_seed(tc.seed * 100_003 + epoch)
+    if tc.windows_per_epoch is None:
+        loader = epoch_loader(run.windows, "train", tc.batch_size, seed=tc.seed * 100_003 + epoch)
+    else:   # a validation period: the next windows_per_epoch windows of a stream of seeded passes
+        indices = period_indices(run.windows.n_windows("train"), tc.windows_per_epoch, epoch, tc.seed)
+        loader = epoch_loader(run.windows, "train", tc.batch_size, seed=None, indices=indices)
+    loader = accelerator.prepare(loader)
+    model.train()
+    sums: dict[str, float] = {}
+    n_batches = 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=run.hide_bars)
+    for step, batch in enumerate(bar):
+        with accelerator.accumulate(model):
+            out = model(batch)
+            loss, parts = accelerator.unwrap_model(model).loss(out, batch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (parts: "
+                    f"{ {k: float(v) for k, v in parts.items()} }); the last good checkpoint is kept at "
+                    f"{run.kept_checkpoint()}. Try a lower train.lr.")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                # A finite loss can still have non-finite gradients; one such step would corrupt every
+                # parameter it touches, so stop before the optimizer applies it.
+                grad_norm = accelerator.clip_grad_norm_(run.params, tc.clip_norm if tc.clip_norm else math.inf)
+                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (parts: "
-                        f"{ {k: float(v) for k, v in parts.items()} }); the last good checkpoint is kept at "
-                        f"{last_path if last_path.exists() else 'none (first epoch)'}. Try a lower train.lr.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # A finite loss can still have non-finite gradients; one such step would corrupt every
-                    # parameter it touches, so stop before the optimizer applies it.
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.clip_norm if tc.clip_norm else math.inf)
-                    if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                        raise TrainingDiverged(
-                            f"gradients became non-finite (norm {float(grad_norm)}) at epoch {epoch + 1}, step "
-                            f"{step + 1} although the loss was {loss.item():.6g}; the last good checkpoint is kept "
-                            f"at {last_path if last_path.exists() else 'none (first epoch)'}. Try a lower train.lr "
-                            "or train.mixed_precision=no.")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            values = {k: float(v) for k, v in parts.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            state["steps"].append({"epoch": epoch + 1, "step": len(state["steps"]) + 1, **values})
-            n_batches += 1
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+                        f"gradients became non-finite (norm {float(grad_norm)}) at epoch {epoch + 1}, step "
+                        f"{step + 1} although the loss was {loss.item():.6g}; the last good checkpoint is kept "
+                        f"at {run.kept_checkpoint()}. Try a lower train.lr or train.mixed_precision=no.")
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        values = {k: float(v) for k, v in parts.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        run.state["steps"].append({"epoch": epoch + 1, "step": len(run.state["steps"]) + 1, **values})
+        n_batches += 1
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+    return _Period(epoch, started, {k: v / max(n_batches, 1) for k, v in sums.items()})
 
-        val = evaluate_once(accelerator, accelerator.unwrap_model(model), windows, "val", tc.eval_batch_size,
-                            desc=f"val {epoch + 1}")
-        scheduler.step(val[SELECTION_METRIC])
-        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
-               **{f"val_{k}": v for k, v in val.items()}, "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - epoch_t0}
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if val[SELECTION_METRIC] > state["best_metric"]:
-            state.update(best_metric=val[SELECTION_METRIC], best_epoch=epoch + 1, bad_epochs=0)
-            if accelerator.is_main_process:
-                save_checkpoint(best_path, {"model": trainable_state(accelerator.unwrap_model(model)),
-                                            "epoch": epoch + 1, "val": val})
-        else:
-            state["bad_epochs"] += 1
+
+def _end_period(run: _Run, period: _Period) -> None:
+    """Validate, step the scheduler, append the history row, count a period without improvement (early
+    stopping, `_stops_before`), save best.pt when validation Hit@10 improved and last.pt always."""
+    accelerator, state, epoch = run.accelerator, run.state, period.epoch
+    unwrapped = accelerator.unwrap_model(run.model)
+    val = evaluate_once(accelerator, unwrapped, run.windows, "val", run.cfg.train.eval_batch_size,
+                        desc=f"val {epoch + 1}")
+    run.scheduler.step(val[SELECTION_METRIC])
+    row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in period.train_means.items()},
+           **{f"val_{k}": v for k, v in val.items()}, "lr": run.optimizer.param_groups[0]["lr"],
+           "seconds": time.perf_counter() - period.started}
+    state["history"].append(row)
+    state["epoch"] = epoch + 1
+    if val[SELECTION_METRIC] > state["best_metric"]:
+        state.update(best_metric=val[SELECTION_METRIC], best_epoch=epoch + 1, bad_epochs=0)
         if accelerator.is_main_process:
-            save_checkpoint(last_path, {"model": trainable_state(accelerator.unwrap_model(model)),
-                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "state": state, "config": cfg.to_dict()})
-        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in row.items()
-            if k.startswith(("train_loss", "val_hit", "val_mrr")) and not k.endswith(("_lo", "_hi"))))
-        accelerator.wait_for_everyone()
+            save_checkpoint(run.best_path, {"model": trainable_state(unwrapped), "epoch": epoch + 1, "val": val})
+    else:
+        state["bad_epochs"] += 1
+    if accelerator.is_main_process:
+        save_checkpoint(run.last_path, {"model": trainable_state(unwrapped), "optimizer": run.optimizer.state_dict(),
+                                        "scheduler": run.scheduler.state_dict(), "state": state,
+                                        "config": run.cfg.to_dict()})
+    accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in row.items()
+        if k.startswith(("train_loss", "val_hit", "val_mrr")) and not k.endswith(("_lo", "_hi"))))
+    accelerator.wait_for_everyone()
 
+
+def _finish(run: _Run, stop_after_epochs: int | None) -> TrainResult:
+    """Test the best checkpoint, reloaded from disk (never the last epoch by accident), and write history.csv,
+    steps.csv and metrics.json. A run interrupted by `stop_after_epochs` returns its history only."""
+    tc, accelerator, state = run.cfg.train, run.accelerator, run.state
     history = pd.DataFrame(state["history"])
     if stop_after_epochs is not None and state["epoch"] < tc.epochs and state["bad_epochs"] < tc.early_stop_patience:
-        return TrainResult(out_dir, state["best_epoch"], {}, {}, history, time.perf_counter() - t0)
-    if not best_path.exists():
-        raise NextLocMoEError(f"no best checkpoint in {out_dir}: train.epochs={tc.epochs} ran no epoch")
+        return TrainResult(run.out_dir, state["best_epoch"], {}, {}, history, time.perf_counter() - run.started)
+    if not run.best_path.exists():
+        raise NextLocMoEError(f"no best checkpoint in {run.out_dir}: train.epochs={tc.epochs} ran no epoch")
 
-    # Test the best checkpoint, reloaded from disk: never the last epoch by accident.
     accelerator.wait_for_everyone()      # best.pt is written by the main process
-    best = torch.load(best_path, map_location="cpu", weights_only=False)
-    unwrapped = accelerator.unwrap_model(model)
+    best = torch.load(run.best_path, map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(run.model)
     load_trainable_state(unwrapped, best["model"])
-    test = evaluate_once(accelerator, unwrapped, windows, "test", tc.eval_batch_size, desc="test")
-    wall = time.perf_counter() - t0
+    test = evaluate_once(accelerator, unwrapped, run.windows, "test", tc.eval_batch_size, desc="test")
+    wall = time.perf_counter() - run.started
     if accelerator.is_main_process:
-        with atomic_path(out_dir / "history.csv") as tmp:
+        with atomic_path(run.out_dir / "history.csv") as tmp:
             history.to_csv(tmp, index=False)
-        with atomic_path(out_dir / "steps.csv") as tmp:
+        with atomic_path(run.out_dir / "steps.csv") as tmp:
             pd.DataFrame(state.get("steps", [])).to_csv(tmp, index=False)
-        write_json_atomic(out_dir / "metrics.json", {
+        write_json_atomic(run.out_dir / "metrics.json", {
             "best_epoch": best["epoch"], "val": best["val"], "test": test,
-            "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")},
+            "windows": {s: run.windows.n_windows(s) for s in ("train", "val", "test")},
             "parameters": unwrapped.parameter_counts(),
-            "provenance": provenance(cfg.profile, seed=tc.seed, data_checksum=windows.meta.get("checksum"),
-                                     wall_s=wall, config=cfg.to_dict()),
+            "provenance": provenance(run.cfg.profile, seed=tc.seed, data_checksum=run.windows.meta.get("checksum"),
+                                     wall_s=wall, config=run.cfg.to_dict()),
         })
-    return TrainResult(out_dir, best["epoch"], best["val"], test, history, wall)
+    return TrainResult(run.out_dir, best["epoch"], best["val"], test, history, wall)
+
+
+def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = False,
+          windows: Windows | None = None, stop_after_epochs: int | None = None) -> TrainResult:
+    """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
+
+    out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch),
+    history.csv (one row per epoch), steps.csv (one row per training batch: loss parts, routing entropies)
+    and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
+    interruption would (tests use it to check that `resume=True` reproduces an uninterrupted run).
+    """
+    run = _setup(cfg, Path(out_dir), resume, windows, started=time.perf_counter())
+    done, total = run.state["epoch"], cfg.train.epochs
+    for epoch in tqdm(range(done, total), desc="epochs", initial=done, total=total, disable=run.hide_bars):
+        if _stops_before(run, epoch, stop_after_epochs):
+            break
+        _end_period(run, _train_period(run, epoch))
+    return _finish(run, stop_after_epochs)
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | os.PathLike, split: str = "test",

@@ -82,6 +82,7 @@ def torch_batch(windows, split, idx):
 # ---------------------------------------------------------------------------------------------------------
 # load_run
 
+@pytest.mark.slow
 def test_load_run_reproduces_train_test_metrics(regression_run):
     r = regression_run
     again = evaluate(r["model"], r["windows"], "test", r["cfg"].train.eval_batch_size)
@@ -117,7 +118,7 @@ def test_load_run_names_the_missing_file(ranking_run, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # collect_routing
 
-@pytest.mark.parametrize("run", ["regression_run", "ranking_run"])
+@pytest.mark.parametrize("run", [pytest.param("regression_run", marks=pytest.mark.slow), "ranking_run"])
 def test_sample_shapes_truth_and_token_kinds(run, request):
     r = request.getfixturevalue(run)
     s, w, model = r["sample"], r["windows"], r["model"]
@@ -148,6 +149,7 @@ def test_sample_shapes_truth_and_token_kinds(run, request):
     np.testing.assert_array_equal(s.target_xy, np.stack([w.x[target], w.y[target]], 1))
 
 
+@pytest.mark.slow
 def test_token_kinds_match_what_the_model_attends_to(ranking_run, regression_run):
     """Changing only the current records leaves P-MoE routing of earlier positions (prompt, history) untouched
     (causal attention; h reads history only) and changes it at the current positions."""
@@ -175,7 +177,7 @@ def brute_force_route(p: np.ndarray, threshold: float, max_experts: int) -> set[
     return set(kept)
 
 
-@pytest.mark.parametrize("run", ["regression_run", "ranking_run"])
+@pytest.mark.parametrize("run", [pytest.param("regression_run", marks=pytest.mark.slow), "ranking_run"])
 def test_selected_follows_the_threshold_rule(run, request):
     s = request.getfixturevalue(run)["sample"]
     rng = np.random.default_rng(0)
@@ -197,6 +199,7 @@ def test_ranking_top1_is_the_best_scored_candidate(ranking_run):
     assert s.pred_xy is None
 
 
+@pytest.mark.slow
 def test_regression_top1_is_the_nearest_candidate(regression_run):
     s, w = regression_run["sample"], regression_run["windows"]
     d2 = ((s.pred_xy[:, None, :] - w.candidates[None]) ** 2).sum(-1)                     # (W, L)
@@ -217,7 +220,7 @@ def test_sample_rejects_inconsistent_shapes(ranking_run):
 # ---------------------------------------------------------------------------------------------------------
 # tables against brute force
 
-@pytest.mark.parametrize("run", ["regression_run", "ranking_run"])
+@pytest.mark.parametrize("run", [pytest.param("regression_run", marks=pytest.mark.slow), "ranking_run"])
 def test_activation_by_role_equals_a_loop_over_windows(run, request):
     s = request.getfixturevalue(run)["sample"]
     df = expert_activation_by_role(s, kinds=("current",) if run == "ranking_run" else ("history", "current"))
@@ -411,6 +414,7 @@ def test_role_decoding_has_a_chance_level_when_every_window_picks_the_same_exper
     assert again["role_decoding"][7] == 1.0 > again["role_decoding_shuffled"][7]
 
 
+@pytest.mark.slow
 def test_routing_alignment_on_a_model_sample(regression_run):
     result = routing_alignment(regression_run["sample"])
     assert set(result["nmi_role_top_expert"]) == {1, 3}
@@ -418,6 +422,7 @@ def test_routing_alignment_on_a_model_sample(regression_run):
     assert 0.0 <= result["function_accuracy"] <= 1.0 and 0.0 < result["function_chance"] <= 1.0
 
 
+@pytest.mark.slow
 def test_routing_summary_table_carries_the_alignment_and_expert_counts(regression_run, tmp_path):
     sample = regression_run["sample"]
     paths = write_routing_summary({"synthetic": sample}, "smoke", tmp_path, role_dataset="synthetic",
@@ -460,6 +465,7 @@ def test_entropy_over_training_smooths_steps_csv(tmp_path):
         entropy_over_training(tmp_path / "older_run")
 
 
+@pytest.mark.slow
 def test_entropy_over_training_of_a_real_run(regression_run):
     df = entropy_over_training(regression_run["result"].out_dir, smooth=20)
     assert len(df) == 2                                             # 32 training windows / batch 16, one epoch
@@ -468,6 +474,7 @@ def test_entropy_over_training_of_a_real_run(regression_run):
     assert df["pmoe_entropy_smooth"].iloc[-1] == pytest.approx(df["pmoe_entropy"].mean())
 
 
+@pytest.mark.slow
 def test_prediction_sample(regression_run, ranking_run):
     s = regression_run["sample"]
     df = prediction_sample(s, n=7)

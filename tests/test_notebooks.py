@@ -22,6 +22,8 @@ from nextlocmoe.notebooks import (NOTEBOOKS, SHOWS_TAG, absolute_paths, check_ex
 ROOT = project_root(Path(__file__).parent)
 PARAMETERS = {"profile", "results_dir", "figures_dir", "runs_dir", "force", "device"}
 
+pytestmark = pytest.mark.slow      # the notebooks tier: make test-fast skips this file, make test runs it
+
 
 def load(name: str) -> nbformat.NotebookNode:
     return nbformat.read(ROOT / "notebooks" / name, as_version=4)
@@ -145,16 +147,23 @@ def _tiny_notebook(path: Path, body: str) -> None:
 
 @pytest.mark.slow
 def test_runner_injects_parameters_scrubs_paths_and_names_the_failing_cell(tmp_path, monkeypatch):
+    # The runner works in the project root it finds above the cwd; a throwaway one in tmp_path keeps the
+    # checkout's runs/ untouched (only the markers project_root looks for: pyproject.toml and nextlocmoe/).
+    root = tmp_path / "project"
+    (root / "nextlocmoe").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    monkeypatch.chdir(root)
+    assert project_root() == root.resolve()
     source = tmp_path / "src"
     source.mkdir()
     out = Path("runs/notebooks/test-runner")
     _tiny_notebook(source / NOTEBOOKS[0], "import os\nprint(profile, results_dir)\nprint(os.getcwd())")
     records = run_notebooks("smoke", out=out, names=[NOTEBOOKS[0]], source_dir=source)
-    executed = ROOT / out / "notebooks" / NOTEBOOKS[0]
+    executed = root / out / "notebooks" / NOTEBOOKS[0]
     assert records[0]["notebook"] == NOTEBOOKS[0] and executed.is_file()
     text = executed.read_text()
     assert "smoke runs/notebooks/test-runner/results" in text      # papermill injected the layout
-    assert str(ROOT) not in text and absolute_paths(executed) == []  # the kernel's cwd was printed, then scrubbed
+    assert str(root) not in text and absolute_paths(executed) == []  # the kernel's cwd was printed, then scrubbed
 
     _tiny_notebook(source / NOTEBOOKS[0], "x = 1\nraise ValueError('broken on purpose')")
     before = executed.read_text()
@@ -162,8 +171,8 @@ def test_runner_injects_parameters_scrubs_paths_and_names_the_failing_cell(tmp_p
                                               r"ValueError: broken on purpose"):
         run_notebooks("smoke", out=out, names=[NOTEBOOKS[0]], source_dir=source)
     assert executed.read_text() == before, "a failed run must not replace the previous good notebook"
-    assert (ROOT / out / "notebooks" / NOTEBOOKS[0]).with_suffix(".failed.ipynb").is_file()
-    assert not list((ROOT / out / "notebooks").glob(".*running*"))
+    assert (root / out / "notebooks" / NOTEBOOKS[0]).with_suffix(".failed.ipynb").is_file()
+    assert not list((root / out / "notebooks").glob(".*running*"))
 
 
 def test_runner_rejects_unknown_notebooks_and_profiles():

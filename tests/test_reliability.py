@@ -106,6 +106,7 @@ def test_training_onto_a_full_disk_exits_2_with_one_line(tiny_filesystem, tmp_pa
 # ---------------------------------------------------------------------------------------------------------
 # temp files of killed writes
 
+@pytest.mark.slow
 def test_resume_removes_the_temp_files_of_a_killed_write(tmp_path):
     cfg = load_config("smoke", overrides=SMALL + ["train.epochs=2"])
     windows = prepare(cfg.data, cache_dir=tmp_path / "cache")
@@ -145,6 +146,7 @@ def test_prepare_removes_old_temporary_cache_folders_of_killed_writers(tmp_path)
 # ---------------------------------------------------------------------------------------------------------
 # tables do not depend on the cache state
 
+@pytest.mark.slow
 def test_training_table_bytes_are_the_same_cold_and_warm(tmp_path):
     from nextlocmoe.experiments import supervised_model, write_training_summary
 
@@ -172,6 +174,7 @@ def _hammer(entry: str, rounds: int, queue) -> None:
     queue.put(errors)
 
 
+@pytest.mark.slow
 def test_two_processes_replacing_one_cache_entry_never_fail(tmp_path):
     cfg = load_config("smoke")
     prepare(cfg.data, cache_dir=tmp_path)
@@ -211,6 +214,7 @@ def _train_cli(out: Path, batch: int, processes: int, cwd: Path) -> subprocess.C
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     one = _train_cli(tmp_path / "one", batch=16, processes=1, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -10,8 +10,7 @@ from nextlocmoe.cli import main
 from nextlocmoe.config import load_config
 from nextlocmoe.data.prepare import prepare
 from nextlocmoe.errors import ConfigError
-from nextlocmoe.evaluation import period_indices
-from nextlocmoe.train import TrainingDiverged, evaluate_checkpoint, train
+from nextlocmoe.train import TrainingDiverged, evaluate_checkpoint, period_indices, train
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +30,7 @@ def full_run(smoke_cfg, smoke_windows, tmp_path_factory):
     return train(smoke_cfg, out, windows=smoke_windows)
 
 
+@pytest.mark.slow
 def test_test_metrics_come_from_the_best_checkpoint(full_run, smoke_cfg, smoke_windows):
     hist = full_run.history
     assert len(hist) == 3
@@ -45,6 +45,7 @@ def test_test_metrics_come_from_the_best_checkpoint(full_run, smoke_cfg, smoke_w
     assert 0.0 <= metrics["test"]["hit@1"] <= metrics["test"]["hit@10"] <= 1.0
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_result(full_run, smoke_cfg, smoke_windows, tmp_path):
     partial = train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
     assert len(partial.history) == 1 and not (tmp_path / "metrics.json").exists()
@@ -55,6 +56,7 @@ def test_resume_reaches_the_same_result(full_run, smoke_cfg, smoke_windows, tmp_
     assert resumed.history[cols].to_numpy() == pytest.approx(full_run.history[cols].to_numpy(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(smoke_cfg, smoke_windows, tmp_path):
     train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
     other = load_config("smoke", overrides=["train.lr=0.5"])
@@ -62,6 +64,7 @@ def test_resume_refuses_a_different_config(smoke_cfg, smoke_windows, tmp_path):
         train(other, tmp_path, windows=smoke_windows, resume=True)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(smoke_cfg, smoke_windows, tmp_path, monkeypatch):
     train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
     good = (tmp_path / "last.pt").read_bytes()
@@ -103,6 +106,7 @@ class _NaNGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
+@pytest.mark.slow
 def test_non_finite_gradients_stop_before_the_step(smoke_cfg, smoke_windows, tmp_path, monkeypatch):
     from nextlocmoe.model import nextlocmoe as model_module
 
@@ -129,6 +133,7 @@ def test_training_periods_tile_a_stream_of_seeded_passes():
     assert period_indices(n, k, 1, seed=3) == periods[1]                      # a period depends on its number only
 
 
+@pytest.mark.slow
 def test_windows_per_epoch_gives_one_validation_point_per_period(smoke_cfg, smoke_windows, tmp_path):
     cfg = load_config("smoke", overrides=["train.epochs=3", "train.max_train_windows=96", "train.windows_per_epoch=32",
                                           "train.max_eval_windows=48", "train.max_test_windows=20",
