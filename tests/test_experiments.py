@@ -31,6 +31,8 @@ from nextlocmoe.model.backbone import randomly_initialised
 
 torch.set_num_threads(1)
 
+pytestmark = pytest.mark.slow      # end to end: experiments train and evaluate models (make test-fast skips)
+
 SUPERVISED_METHODS = tuple(m.name for m in methods(supervised=True))
 METHOD_KIND = {m.name: m.kind for m in methods()}
 SMOKE = load_config("smoke")
@@ -240,7 +242,8 @@ def test_zero_shot_covers_every_pair_with_references_and_llm_mob(zero_shot_run):
         rows = df[df["dataset"] == pair]
         assert set(zip(rows["method"], rows["variant"])) == {
             ("nextlocmoe", "zero-shot"), ("nextlocllm", "zero-shot"), ("nextlocmoe", "trained on target"),
-            ("user_most_frequent", "history only (no training)"), ("llm_mob", "zero-shot (prompted, no training)")}
+            ("user_most_frequent", "history only (no training)"), ("llm_mob", "zero-shot (prompted, no training)"),
+            ("window_time_recency", "training-free (parameters from the source)")}
         n = rows[rows["metric"] == "n"]
         assert n[n["method"] != "llm_mob"]["value"].nunique() == 1           # one test subsample for all
         assert n[n["method"] == "llm_mob"]["value"].item() <= SMOKE.plan.llm_mob_samples

@@ -14,6 +14,7 @@ import pytest
 from nextlocmoe.data import sources
 from nextlocmoe.data.config import CsvColumns, DataConfig
 from nextlocmoe.data.schema import FUNCTIONS, UNKNOWN_FUNCTION
+from nextlocmoe.data.windows import make_windows
 from nextlocmoe.data.sources import (ROOT_TYPE_TO_FUNCTION, category_to_function, categories_to_functions,
                                      describe, load_records, project_to_plane)
 from nextlocmoe.errors import ConfigError, DataError
@@ -416,3 +417,18 @@ def test_describe_counts_match_a_direct_count(tmp_path):
     assert summary["span_days"] == pytest.approx(2 + 47 / 48)
     assert summary["record_function_share"][UNKNOWN_FUNCTION] == 1.0
     assert sum(summary["location_function_share"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("source", ["nyc_foursquare", "synthetic"])
+def test_next_visit_time_is_the_target_records_own_time(source):
+    """The next visit's hour and weekday come from the window's last record (timestamp + duration) and must be
+    the target record's own, on every window of every split of the real check-ins and a synthetic city."""
+    cfg = DataConfig(source=source)
+    windows = make_windows(load_records(cfg), cfg)
+    for split in ("train", "val", "test"):
+        n = windows.n_windows(split)
+        batch = windows.batch(split, np.arange(n))
+        target = windows.target_index(split)
+        np.testing.assert_array_equal(batch["next_hour"], windows.hour[target])
+        np.testing.assert_array_equal(batch["next_weekday"], windows.weekday[target])
+    assert len(np.unique(batch["next_hour"])) > 12          # not a constant that happens to match

@@ -305,6 +305,7 @@ def test_batch_shapes_and_dtypes():
         "cur_duration": ((B, C), np.float32), "cur_location": ((B, C), np.int64),
         "target_xy": ((B, 2), np.float32), "target_location": ((B,), np.int64),
         "user": ((B,), np.int64), "subuser": ((B,), np.int64),
+        "next_hour": ((B,), np.int64), "next_weekday": ((B,), np.int64),
     }
     assert set(b) == set(expect)
     for k, (shape, dtype) in expect.items():

@@ -127,6 +127,16 @@ class Windows:
         target = self.location[s + self.history + self.current]                       # (W,)
         return float((records == target[:, None]).any(axis=1).mean())
 
+    def next_visit_time(self, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hour of day and weekday (int64, local time) of the visit after record(s) `last`, from the INPUT alone:
+        the record's timestamp plus its duration (the hours to the next record, docs/design.md §2.2), rounded to
+        the second. Within a sub-user that is the next record's own time, so a window's next_hour / next_weekday
+        are its target's (tested on real data); nothing of the target record is read."""
+        last = np.asarray(last, dtype=np.int64)
+        gap_ns = np.round(self.duration[last].astype(np.float64) * 3_600) * 10**9    # whole seconds, in ns
+        ts = self.timestamp[last] + gap_ns.astype(np.int64)                          # (B,) ns since 1970
+        return (ts // NS_PER_HOUR) % 24, (ts // NS_PER_DAY + EPOCH_WEEKDAY) % 7
+
     def batch(self, split: str, idx: np.ndarray | list[int] | slice) -> dict[str, np.ndarray]:
         """Gather windows `idx` of `split` into model-ready numpy arrays (one fancy-index per field)."""
         s = np.asarray(self._split(split)[idx], dtype=np.int64).reshape(-1)          # (B,)
@@ -141,6 +151,7 @@ class Windows:
             out[f"{prefix}_hour"] = self.hour[rows].astype(np.int64)                 # (B, T)
             out[f"{prefix}_duration"] = self.stats.minmax_duration(self.duration[rows])  # (B, T)
             out[f"{prefix}_location"] = self.location[rows].astype(np.int64)         # (B, T)
+        out["next_hour"], out["next_weekday"] = self.next_visit_time(cur[:, -1])      # (B,), (B,) int64
         out["target_xy"] = np.stack([self.x[target], self.y[target]], -1).astype(np.float32)  # (B, 2) metres
         out["target_location"] = self.location[target].astype(np.int64)             # (B,)
         subuser = self.subuser[s].astype(np.int64)                                    # (B,)

@@ -30,6 +30,7 @@ from ..model.compact import is_compact_dir
 from ..model.config import ModelConfig
 from ..runs import limited
 from ..runtime import pick_device
+from ..window_scorers import make_scorer
 from .core import Runner
 from .datasets import DatasetHandle
 from .registry import Method, register_method
@@ -61,6 +62,17 @@ for _order, (_name, _label, _make) in enumerate([
         ("transformer_pointer", "the same transformer with the ranking head's copy mixture over the window's places",
          _neural("transformer_pointer"))]):
     register_method(Method(_name, "baseline", "baseline", _label, make=_make, order=10 + _order))
+
+
+# the tuned training-free scorers (nextlocmoe.window_scorers): the floor every learned model must clear
+for _order, (_name, _label) in enumerate([
+        ("window_recency", "training-free: the window's places weighted by recency (half-life chosen on validation)"),
+        ("window_time", "training-free: the window's places weighted by closeness to the next visit's hour, "
+                        "weekday and day type (chosen on validation)"),
+        ("window_time_recency", "training-free: recency and closeness to the next visit's time together (chosen on "
+                                "validation)")]):
+    register_method(Method(_name, "baseline", "baseline", _label, make=lambda plan, seed, name=_name: make_scorer(name),
+                           order=18 + _order))
 
 
 def _nextlocllm(base: ModelConfig) -> ModelConfig:
@@ -110,6 +122,8 @@ def baseline_job(runner: Runner, method: Method, data: DatasetHandle, cfg: Exper
         if hasattr(model, "loss_history"):   # the neural ones: their training curve and the epoch kept
             extra = {"loss_history": model.loss_history, "val_history": model.val_history,
                      "best_epoch": model.best_epoch, "fit_seconds": model.fit_seconds}
+        if hasattr(model, "fit_details"):    # the tuned scorers: the parameters chosen on validation
+            extra = model.fit_details()
         return {"metrics": evaluate_baseline(model, windows, "test"),
                 "val": evaluate_baseline(model, windows, "val"),
                 "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")}, **extra}

@@ -13,7 +13,8 @@ Decisions (docs/design.md §5):
   which has no meaning in another city, and removing them would test a different model.
 * Reference rows: "trained on target" is NextLocMoE trained and tested on the target (what zero-shot gives
   up); "history only" is the user-most-frequent baseline with its popularity tie-break removed, so it uses
-  nothing but the window's own records (no training at all).
+  nothing but the window's own records (no training at all); "training-free (parameters from the source)" is the
+  tuned window scorer (nextlocmoe.window_scorers) with its parameters chosen on the source's validation split.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..runs import limited, load_run
 from ..runtime import pick_device
 from .core import Runner, budget_text
 from .datasets import REGION_RULE, DatasetHandle, dataset_config, humob_config, region_handles, second_city
+from ..window_scorers import make_scorer
 from .methods import LLMMobRunner, model_job
 from .registry import get_method, register_experiment
 
@@ -63,6 +65,26 @@ def history_only_job(runner: Runner, target: DatasetHandle, label: str, cfg: Exp
         return {"metrics": evaluate_baseline(model, windows, "test")}
 
     return runner.job("user_most_frequent", label, "history only (no training)", key, compute)
+
+
+ZERO_SHOT_SCORER = "window_time_recency"   # the tuned training-free scorer with every ingredient
+
+
+def training_free_job(runner: Runner, source: DatasetHandle, target: DatasetHandle, label: str,
+                      cfg: ExperimentConfig, name: str = ZERO_SHOT_SCORER) -> dict[str, Any]:
+    """The tuned training-free scorer with its parameters chosen on the SOURCE's validation split, applied to the
+    target's test windows with no popularity prior (the target has no training data): nothing but the window's own
+    records and the next visit's time, so it transfers trivially."""
+    budget = {k: getattr(cfg.train, k) for k in ("max_eval_windows", "max_test_windows", "seed")}
+    key = {"source": source.fingerprint, "target": target.fingerprint, "budget": budget,
+           "scorer": make_scorer(name, use_popularity=False).cfg.to_dict()}
+
+    def compute(job_dir: Path) -> dict[str, Any]:
+        chosen = make_scorer(name, use_popularity=False).fit(limited(source.windows, cfg))   # source val only
+        windows = limited(target.windows, cfg)
+        scorer = make_scorer(name, use_popularity=False).fit(windows, weights=chosen.weights)
+        return {"metrics": evaluate_baseline(scorer, windows, "test"), **chosen.fit_details()}
+    return runner.job(name, label, "training-free (parameters from the source)", key, compute)
 
 
 @register_experiment("zero_shot", order=2, notebook="03_zero_shot.ipynb",
@@ -111,6 +133,7 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
                                 plan.zero_shot_train)
         model_job(runner, "nextlocmoe", target, cfg, variant="trained on target", label=label)
         history_only_job(runner, target, label, cfg)   # a training-free floor: the window's own records
+        training_free_job(runner, source, target, label, cfg)   # the tuned one, parameters from the source
         if mob.answers_meaningfully:
             mob.job(target, label, cfg)
     if not mob.answers_meaningfully:
@@ -126,6 +149,9 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
         "only (the ranking head's candidate embeddings belong to the source city).",
         "trained on target: NextLocMoE trained and tested on the target (the supervised reference).",
         "history only: the most frequent place of the window's own records, no training and no popularity prior.",
+        f"training-free (parameters from the source): {ZERO_SHOT_SCORER}, the window's own places weighted by recency "
+        "and by closeness to the next visit's hour, weekday and day type, its four parameters chosen on the source's "
+        "validation split; no popularity prior. It has no trained weights, so it transfers trivially.",
         "LLM-Mob: the generative backbone prompted with the visits as text; it answers a seeded subsample of the "
         "same test windows (its n is smaller); unparsable answers count as misses.",
         f"City halves: {REGION_RULE}. A west -> east pair is a cross-REGION transfer within one city (both halves "

@@ -45,6 +45,10 @@ METHOD_STYLES: dict[str, MethodStyle] = {
     "lstm": MethodStyle("#1b9e9e"),
     "transformer": MethodStyle("#41ab5d"),
     "transformer_pointer": MethodStyle("#006d2c"),
+    # tuned training-free scorers (nextlocmoe.window_scorers): pinks, darker with more ingredients
+    "window_recency": MethodStyle("#f1b6da"),
+    "window_time": MethodStyle("#de77ae"),
+    "window_time_recency": MethodStyle("#c51b7d"),
     # LLM-based
     "nextlocllm": MethodStyle("#2c7fb8"),
     "nextlocmoe": MethodStyle(NEXTLOCMOE_RED, emphasised=True),
