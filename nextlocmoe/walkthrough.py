@@ -39,7 +39,8 @@ EQUATIONS: dict[str, str] = {
                     "experts until their mass reaches 0.8 (at most 5); FFN(x_t) -> sum_kept p_t,e FFN_e(x_t), "
                     "FFN_e = the frozen FFN with expert e's LoRA",
     "state": "s = RMSNorm(hidden state of the last current token after the last kept layer) (D)",
-    "regression": "z_hat = W_o s + b_o (2 z-units), y_hat = (sigma_x z_hat_1 + mu_x, sigma_y z_hat_2 + mu_y) metres; "
+    "regression": "z_hat = z_cur + W_o s + b_o (2 z-units; z_cur the current record's place, W_o = 0 at the start; "
+                  "the paper's form has no z_cur), y_hat = (sigma_x z_hat_1 + mu_x, sigma_y z_hat_2 + mu_y) metres; "
                   "the answer is the KD-tree's nearest candidates to y_hat",
     "ranking": "score_l = <W_q s, c_l> / sqrt(r) * exp(tau) + b_l over the L candidate embeddings c_l; with the copy "
                "mixture log p(l) = log(g p_copy(l) + (1 - g) softmax(score)_l), g = sigmoid(w.s + c)",

@@ -3,6 +3,7 @@ precision, equality with transformers' own LLaMA forward, and a short training r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -130,6 +131,8 @@ def test_gradients_reach_router_location_moe_gates_and_lora():
         for moe in model.personalized_moe.values():
             for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
                 getattr(moe, name).normal_(0, 0.05)
+        if model.cfg.regression_offset:   # so does the offset head's map (step 0 = the current place): same reason
+            model.head.projection.weight.normal_(0, 0.05)
     batch = make_batch(B=4)
     loss, _ = model.loss(model(batch), batch)
     loss.backward()
@@ -291,6 +294,7 @@ def test_history_router_switch_zeroes_h_and_detaches_gates_from_history():
 @torch.no_grad()
 def test_head_runs_in_float32_under_a_bf16_backbone():
     model = make_model(dtype="bfloat16")
+    model.head.projection.weight.normal_(0, 0.05)   # the offset head starts at zero: make the map matter
     assert model.llama.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     batch = make_batch()
     out = model(batch)
@@ -301,6 +305,7 @@ def test_head_runs_in_float32_under_a_bf16_backbone():
     normed = last / torch.sqrt(last.pow(2).mean(-1, keepdim=True) + model.llama.norm.variance_epsilon)
     normed = normed * model.llama.norm.weight.double()
     z = normed @ model.head.projection.weight.double().T + model.head.projection.bias.double()
+    z = z + batch["cur_xy"][:, -1].double()                                            # offset from the current place
     expected = z * torch.tensor([STATS["x_std"], STATS["y_std"]], dtype=torch.float64) \
         + torch.tensor([STATS["x_mean"], STATS["y_mean"]], dtype=torch.float64)
     torch.testing.assert_close(out.pred_xy.double(), expected, rtol=1e-5, atol=1e-3)
@@ -309,6 +314,7 @@ def test_head_runs_in_float32_under_a_bf16_backbone():
 @torch.no_grad()
 def test_head_stays_float32_under_autocast():
     model = make_model()
+    model.head.projection.weight.normal_(0, 0.05)   # the offset head starts at zero: make the map matter
     batch = make_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
@@ -316,7 +322,7 @@ def test_head_stays_float32_under_autocast():
     assert out.pred_xy.dtype == torch.float32
     normed = last / torch.sqrt(last.pow(2).mean(-1, keepdim=True) + model.llama.norm.variance_epsilon)
     z = (normed * model.llama.norm.weight.double()) @ model.head.projection.weight.double().T \
-        + model.head.projection.bias.double()
+        + model.head.projection.bias.double() + batch["cur_xy"][:, -1].double()      # offset from the current place
     expected = z * torch.tensor([STATS["x_std"], STATS["y_std"]], dtype=torch.float64) \
         + torch.tensor([STATS["x_mean"], STATS["y_mean"]], dtype=torch.float64)
     torch.testing.assert_close(out.pred_xy.double(), expected, rtol=1e-5, atol=1e-3)
@@ -501,3 +507,34 @@ def test_shared_prompt_prefix_equals_running_the_prompt_per_sample(attention, pm
     assert grads_a.keys() == grads_b.keys() and any("norm" in n for n in grads_a)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- the regression head starts at its floor -----------------------------------------------------------------
+
+@torch.no_grad()
+def test_untrained_offset_regression_head_predicts_the_current_place(tmp_path):
+    """model.regression_offset (default): at step 0 the predicted point is the window's current record, so the
+    median distance error equals the last_location baseline's (whose top-1 is the current place) and Hit@1 too;
+    the paper's absolute head does not start there."""
+    from nextlocmoe.baselines import LastLocation, evaluate_baseline
+    from nextlocmoe.config import load_config
+    from nextlocmoe.data.prepare import prepare
+    from nextlocmoe.evaluation import evaluate
+
+    cfg = load_config("smoke", overrides=["model.head=regression"])
+    windows = prepare(cfg.data, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                        windows.history + windows.current).eval()
+    n = windows.n_windows("test")
+    batch = {k: torch.as_tensor(v) for k, v in windows.batch("test", np.arange(n)).items()}
+    last = windows.target_index("test") - 1                                          # the current record
+    current_xy = np.stack([windows.x[last], windows.y[last]], axis=1)
+    np.testing.assert_allclose(model(batch).pred_xy.double().numpy(), current_xy, atol=0.05)   # float32 metres
+    ours = evaluate(model, windows, "test")
+    floor = evaluate_baseline(LastLocation().fit(windows), windows, "test")
+    assert ours["dist_median_m"] == pytest.approx(floor["dist_median_m"], abs=0.05)
+    assert ours["hit@1"] == floor["hit@1"]
+    absolute = build_model(dataclasses.replace(cfg.model, regression_offset=False), windows.stats,
+                           windows.candidates, windows.candidate_function).eval()
+    assert not np.allclose(absolute(batch).pred_xy.double().numpy(), current_xy, atol=1.0)

@@ -107,7 +107,8 @@ def test_one_expert_with_gate_weight_one_equals_peft_lora(expert_compute):
 
 def dense_model(seed: int = 0, **overrides):
     kw = dict(backbone="tiny", num_layers=3, pmoe_layers=(), use_prompt=False, seed=seed, tcn_channels=(176, 176),
-              use_personalized_moe=False, use_location_moe=False, use_history_router=False, dense_lora=True)
+              use_personalized_moe=False, use_location_moe=False, use_history_router=False, dense_lora=True,
+              regression_offset=False)   # the paper's head: its output reads the backbone from step 0 on
     kw.update(overrides)
     torch.manual_seed(seed)
     return build_model(ModelConfig(**kw), STATS, np.random.default_rng(0).normal(0, 900, (20, 2)), np.zeros(20))

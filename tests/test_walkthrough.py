@@ -68,7 +68,7 @@ def test_intermediates_are_what_forward_computes(model_and_windows):
     state = final_norm_float32(model.llama.norm, seen["hidden"][:, -1])
     torch.testing.assert_close(state, seen["state"])
     if model.cfg.head == "regression":
-        torch.testing.assert_close(model.head(state), plain.pred_xy)
+        torch.testing.assert_close(model.head(state, batch["cur_xy"][:, -1]), plain.pred_xy)
         return
     torch.testing.assert_close(model.head(state, model.candidate_location_embeddings()), seen["generator_scores"])
     if model.pointer is not None:    # p = g p_copy + (1 - g) softmax(generator), from the recorded parts

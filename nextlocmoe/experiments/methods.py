@@ -84,6 +84,10 @@ register_method(Method("nextlocllm", "baseline", "model", "NextLocLLM-style: sam
                        "head, no MoE, no router, LoRA on every FFN", model_config=_nextlocllm, order=20))
 register_method(Method("nextlocmoe", "paper method", "model", "NextLocMoE as in the paper (regression head + KD-tree)",
                        model_config=lambda base: dataclasses.replace(base, head="regression"), order=30))
+register_method(Method("nextlocmoe_absolute", "ablation", "model", "NextLocMoE with the paper's absolute regression "
+                       "point (no offset from the current place; docs/design.md §3.6)",
+                       model_config=lambda base: dataclasses.replace(base, head="regression", regression_offset=False),
+                       order=32))
 register_method(Method("nextlocmoe_ranking", "extension", "model", "NextLocMoE with this project's ranking head "
                        "(candidate softmax + copy mixture over the window)",
                        model_config=lambda base: dataclasses.replace(base, head="ranking"), order=31))

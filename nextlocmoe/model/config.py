@@ -113,6 +113,9 @@ class ModelConfig:
 
     # head and loss (paper Sec. 4.4)
     head: str = "regression"         # "regression" (paper: point + KD-tree) or "ranking" (ours: scores candidates)
+    regression_offset: bool = True   # ours: the regression head predicts an offset from the current record's place,
+                                     # zero at initialisation (step 0 = "stay where you are"); False = the paper's
+                                     # absolute point (docs/design.md §3.6)
     entropy_weight: float = 300.0    # lambda on the mean P-MoE gate entropy, regression loss (reference 300)
     ranking_entropy_weight: float = 1.0  # lambda with the ranking head (ours: CE is in nats, not metres)
     balance_weight: float = 1.0      # ours, beta: the routing term is lambda * (H + beta * (ln E - H(batch-mean gate)));

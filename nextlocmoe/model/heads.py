@@ -58,18 +58,34 @@ class RegressionHead(nn.Module):
 
     The model predicts z-scored (x, y); adding back the training mean and std gives metres, in float32
     throughout. The statistics are plain floats, not buffers, so casting the module never rounds them.
+
+    offset=True (ours, model.regression_offset): the linear map predicts a displacement from `origin_z`, the
+    z-scored coordinates of the window's current (last) record, and starts at zero (weight and bias, like LoRA's
+    B): at step 0 the head predicts the current place, the "stay where you are" floor (last_location), and
+    training moves it from there. offset=False is the paper's absolute point from a default-initialised Linear.
     """
 
-    def __init__(self, d_model: int, norm_stats: Any):
+    def __init__(self, d_model: int, norm_stats: Any, offset: bool = False):
         super().__init__()
-        self.projection = nn.Linear(d_model, 2)
+        self.projection = nn.Linear(d_model, 2)   # drawn in both cases: the other modules see the same random stream
+        self.offset = offset
+        if offset:
+            with torch.no_grad():
+                self.projection.weight.zero_()
+                self.projection.bias.zero_()
         self.x_mean, self.x_std = _stat(norm_stats, "x_mean"), _stat(norm_stats, "x_std")
         self.y_mean, self.y_std = _stat(norm_stats, "y_mean"), _stat(norm_stats, "y_std")
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        """state (B, D) normed prediction state -> (B, 2) float32 metres."""
+    def forward(self, state: torch.Tensor, origin_z: torch.Tensor | None = None) -> torch.Tensor:
+        """state (B, D) normed prediction state, origin_z (B, 2) z-scored current place (offset head only)
+        -> (B, 2) float32 metres."""
+        if self.offset and origin_z is None:
+            raise DataError("the offset regression head needs origin_z (B, 2), the z-scored coordinates of the "
+                            "window's current record (batch['cur_xy'][:, -1])")
         with _float32_region(state.device):
             z = F.linear(state.float(), self.projection.weight.float(), self.projection.bias.float())  # (B, 2)
+            if self.offset:
+                z = origin_z.float() + z                                                  # (B, 2) displacement
             # python-float scalars: no host-to-device copy, no sync on GPU
             return torch.stack([z[:, 0] * self.x_std + self.x_mean, z[:, 1] * self.y_std + self.y_mean], dim=-1)
 

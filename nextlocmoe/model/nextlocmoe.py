@@ -177,7 +177,7 @@ class NextLocMoE(nn.Module):
 
         # --- head (Sec. 4.4)
         if cfg.head == "regression":
-            self.head = RegressionHead(d_model, norm_stats)
+            self.head = RegressionHead(d_model, norm_stats, offset=cfg.regression_offset)
         else:
             if self.candidates_xy is None or self.candidate_function is None:
                 raise ConfigError("model.head='ranking' needs candidates_xy (L, 2) and candidate_function (L,)")
@@ -293,8 +293,9 @@ class NextLocMoE(nn.Module):
         state = final_norm_float32(self.llama.norm, hidden[:, -1])                      # (B, D) float32
         if seen is not None:
             seen.update(tokens=tokens, hidden=hidden, state=state)
-        if self.cfg.head == "regression":
-            return ModelOutput(self.head(state), None, location, personalized, h, seen)
+        if self.cfg.head == "regression":   # the offset head starts from the current record's place
+            origin = batch["cur_xy"][:, -1].to(state.device) if self.cfg.regression_offset else None  # (B, 2) z
+            return ModelOutput(self.head(state, origin), None, location, personalized, h, seen)
         scores = self.head(state, self.candidate_location_embeddings())                 # (B, L)
         if seen is not None:
             seen["generator_scores"] = scores

@@ -53,6 +53,7 @@ METHOD_STYLES: dict[str, MethodStyle] = {
     "nextlocllm": MethodStyle("#2c7fb8"),
     "nextlocmoe": MethodStyle(NEXTLOCMOE_RED, emphasised=True),
     "nextlocmoe_ranking": MethodStyle("#e67e22", emphasised=True),
+    "nextlocmoe_absolute": MethodStyle("#7f1d1d"),     # the paper's absolute regression head, beside ours
     "llm_mob": MethodStyle("#7b5ea7"),
 }
 
