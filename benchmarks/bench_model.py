@@ -9,11 +9,17 @@ after `--warmup` untimed ones), so their ratios are comparable even on a noisy m
     paper           the prompt's P-MoE gates read h (the prompt is shared only up to the first P-MoE layer)
     shared_prompt   model.prompt_reads_history=false: one prompt pass per batch through all layers
     shared_bf16     the same under CPU bf16 autocast (heads stay float32), only where the CPU has native bf16
-                    matmuls (torch.backends.cpu.get_cpu_capability() reports AVX512_BF16 or AMX)
+                    matmuls (the measured bf16 matmul ceiling is above the fp32 one)
 
 Training = forward + loss + backward + Adam step on a fixed batch; inference = forward under no_grad. The
-machine's ceiling comes first: fp32 and bf16 matmul GFLOP/s at the backbone's shapes. Writes
-results/bench_model.csv and results/bench_model.json (provenance).
+machine's ceiling comes first: fp32 and bf16 matmul GFLOP/s at the backbone's shapes, measured in the same process.
+
+Each figure sits beside that ceiling: the FLOPs of one inference step and one training step are counted once per
+(head, setting) with torch's FlopCounterMode (matmuls, attention, convolutions: the operations that carry the
+arithmetic; elementwise work and the optimiser are not counted, so the count is a slight underestimate), divided by
+the batch for FLOPs per window, and the achieved rate (counted FLOPs / measured seconds) is reported as a fraction
+of the matmul ceiling of the step's dtype (fp32, or bf16 under autocast). Writes results/bench_model.csv and
+results/bench_model.json (provenance).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from nextlocmoe.data.prepare import prepare  # noqa: E402
 from nextlocmoe.io import atomic_path, provenance, write_json_atomic  # noqa: E402
 from nextlocmoe.model import build_model  # noqa: E402
 from nextlocmoe.runtime import median_seconds  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 SETTINGS = {   # name -> (--set overrides, bf16 autocast)
     "paper": (["model.prompt_reads_history=true"], False),
@@ -43,10 +50,11 @@ SETTINGS = {   # name -> (--set overrides, bf16 autocast)
 }
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (else bf16 matmuls are emulated and slower than fp32)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return any(tag in capability for tag in ("AVX512_BF16", "AMX"))
+def native_bf16(ceiling: dict[str, float]) -> bool:
+    """Whether this CPU multiplies bf16 natively, read off the measured ceiling: a native bf16 matmul (AVX512_BF16,
+    AMX) is faster than fp32, an emulated one slower. torch's get_cpu_capability() names only the vector ISA it
+    dispatches to ("AVX512" on an AMX machine), so it cannot tell."""
+    return ceiling["bf16_matmul_gflops"] > ceiling["fp32_matmul_gflops"]
 
 
 def matmul_gflops(dtype: torch.dtype, m: int = 32 * 146, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
@@ -54,6 +62,13 @@ def matmul_gflops(dtype: torch.dtype, m: int = 32 * 146, k: int = 576, n: int = 
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, repeats, warmup=2)
     return 2 * m * k * n / seconds / 1e9
+
+
+def counted_flops(step) -> int:
+    """FLOPs that torch's FlopCounterMode counts in one call of `step` (module docstring: matmul-class ops)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
 
 
 def main(argv=None) -> None:
@@ -73,10 +88,10 @@ def main(argv=None) -> None:
     ceiling = {"fp32_matmul_gflops": matmul_gflops(torch.float32), "bf16_matmul_gflops": matmul_gflops(torch.bfloat16)}
     print(f"CPU capability {capability}: matmul fp32 {ceiling['fp32_matmul_gflops']:.0f} GFLOP/s, "
           f"bf16 {ceiling['bf16_matmul_gflops']:.0f} GFLOP/s", flush=True)
-    settings = [s for s in args.settings if not (SETTINGS[s][1] and not native_bf16())]
+    settings = [s for s in args.settings if not (SETTINGS[s][1] and not native_bf16(ceiling))]
     skipped = sorted(set(args.settings) - set(settings))
     if skipped:
-        print(f"skipped {skipped}: no native bf16 matmul on this CPU ({capability})", flush=True)
+        print(f"skipped {skipped}: no native bf16 matmul on this CPU ({capability}; bf16 slower than fp32)", flush=True)
 
     cfg = load_config(args.profile)
     windows = prepare(cfg.data)
@@ -108,8 +123,11 @@ def main(argv=None) -> None:
 
             model.train()
             t_train = median_seconds(train_step, args.steps, args.warmup)
+            train_flops = counted_flops(train_step)       # one more step, outside the timing
             model.eval()
             t_infer = median_seconds(infer_step, args.steps, args.warmup)
+            infer_flops = counted_flops(infer_step)
+            peak = ceiling["bf16_matmul_gflops" if bf16 else "fp32_matmul_gflops"]
             params = model.parameter_counts()
             tokens = batch["hist_xy"].shape[1] + batch["cur_xy"].shape[1] + model.prompt_length
             rows.append(dict(profile=args.profile, head=head, setting=setting, backbone=cfg_h.model.backbone,
@@ -117,9 +135,17 @@ def main(argv=None) -> None:
                              train_samples_per_s=args.batch / t_train, infer_samples_per_s=args.batch / t_infer,
                              train_step_s=t_train, infer_step_s=t_infer, threads=torch.get_num_threads(),
                              total_params=params["total"], trainable_params=params["trainable"],
+                             train_gflop_per_window=train_flops / args.batch / 1e9,
+                             infer_gflop_per_window=infer_flops / args.batch / 1e9,
+                             train_gflops=train_flops / t_train / 1e9, infer_gflops=infer_flops / t_infer / 1e9,
+                             train_fraction_of_ceiling=train_flops / t_train / 1e9 / peak,
+                             infer_fraction_of_ceiling=infer_flops / t_infer / 1e9 / peak,
                              cpu_capability=capability, **ceiling))
-            print(f"{head:10s} {setting:14s} train {rows[-1]['train_samples_per_s']:6.1f} samples/s  "
-                  f"infer {rows[-1]['infer_samples_per_s']:6.1f} samples/s", flush=True)
+            r = rows[-1]
+            print(f"{head:10s} {setting:14s} train {r['train_samples_per_s']:6.1f} samples/s "
+                  f"({r['train_gflop_per_window']:.2f} GFLOP/window, {r['train_fraction_of_ceiling']:.2f} of the "
+                  f"ceiling)  infer {r['infer_samples_per_s']:6.1f} samples/s ({r['infer_gflop_per_window']:.2f} "
+                  f"GFLOP/window, {r['infer_fraction_of_ceiling']:.2f})", flush=True)
 
     df = pd.DataFrame(rows)
     for metric in ("train_samples_per_s", "infer_samples_per_s"):   # speed-up over the paper setting, same head
@@ -132,8 +158,8 @@ def main(argv=None) -> None:
         args.profile, seed=0, data_checksum=windows.meta.get("checksum"),
         command="python benchmarks/bench_model.py " + " ".join(argv or sys.argv[1:]),
         method=f"median of {args.steps} steps after {args.warmup} warm-up steps, all settings in one process"))
-    print(df[["head", "setting", "train_samples_per_s", "infer_samples_per_s", "train_speedup",
-              "infer_speedup"]].to_string(index=False))
+    print(df[["head", "setting", "train_samples_per_s", "infer_samples_per_s", "train_speedup", "infer_speedup",
+              "train_fraction_of_ceiling", "infer_fraction_of_ceiling"]].to_string(index=False))
 
 
 if __name__ == "__main__":
