@@ -18,8 +18,8 @@ Each figure sits beside that ceiling: the FLOPs of one inference step and one tr
 (head, setting) with torch's FlopCounterMode (matmuls, attention, convolutions: the operations that carry the
 arithmetic; elementwise work and the optimiser are not counted, so the count is a slight underestimate), divided by
 the batch for FLOPs per window, and the achieved rate (counted FLOPs / measured seconds) is reported as a fraction
-of the matmul ceiling of the step's dtype (fp32, or bf16 under autocast). Writes results/bench_model.csv and
-results/bench_model.json (provenance).
+of the matmul ceiling of the step's dtype (fp32, or bf16 under autocast), the mean of a reading before and one
+after the models (both are written). Writes results/bench_model.csv and results/bench_model.json (provenance).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def native_bf16(ceiling: dict[str, float]) -> bool:
     return ceiling["bf16_matmul_gflops"] > ceiling["fp32_matmul_gflops"]
 
 
-def matmul_gflops(dtype: torch.dtype, m: int = 32 * 146, k: int = 576, n: int = 1536, repeats: int = 5) -> float:
+def matmul_gflops(dtype: torch.dtype, m: int = 32 * 146, k: int = 576, n: int = 1536, repeats: int = 25) -> float:
     """GFLOP/s of one (m, k) x (k, n) product, the shape of an FFN projection over a batch of sequences."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, repeats, warmup=2)
@@ -85,7 +85,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     capability = torch.backends.cpu.get_cpu_capability()
-    ceiling = {"fp32_matmul_gflops": matmul_gflops(torch.float32), "bf16_matmul_gflops": matmul_gflops(torch.bfloat16)}
+    # the ceiling is measured before the models and again after them (a shared 2-core machine drifts by tens of
+    # per cent over minutes); the fractions use the mean of the two, and both readings are written
+    before = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    ceiling = {"fp32_matmul_gflops": before["fp32"], "bf16_matmul_gflops": before["bf16"]}
     print(f"CPU capability {capability}: matmul fp32 {ceiling['fp32_matmul_gflops']:.0f} GFLOP/s, "
           f"bf16 {ceiling['bf16_matmul_gflops']:.0f} GFLOP/s", flush=True)
     settings = [s for s in args.settings if not (SETTINGS[s][1] and not native_bf16(ceiling))]
@@ -140,14 +143,24 @@ def main(argv=None) -> None:
                              train_gflops=train_flops / t_train / 1e9, infer_gflops=infer_flops / t_infer / 1e9,
                              train_fraction_of_ceiling=train_flops / t_train / 1e9 / peak,
                              infer_fraction_of_ceiling=infer_flops / t_infer / 1e9 / peak,
-                             cpu_capability=capability, **ceiling))
+                             autocast_bf16=bf16, cpu_capability=capability))
             r = rows[-1]
             print(f"{head:10s} {setting:14s} train {r['train_samples_per_s']:6.1f} samples/s "
                   f"({r['train_gflop_per_window']:.2f} GFLOP/window, {r['train_fraction_of_ceiling']:.2f} of the "
                   f"ceiling)  infer {r['infer_samples_per_s']:6.1f} samples/s ({r['infer_gflop_per_window']:.2f} "
-                  f"GFLOP/window, {r['infer_fraction_of_ceiling']:.2f})", flush=True)
+                  f"GFLOP/window, {r['infer_fraction_of_ceiling']:.2f}; fractions of the first ceiling reading)",
+                  flush=True)
 
+    after = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"ceiling again after the models: fp32 {after['fp32']:.0f} GFLOP/s, bf16 {after['bf16']:.0f} GFLOP/s",
+          flush=True)
     df = pd.DataFrame(rows)
+    for dtype in ("fp32", "bf16"):
+        df[f"{dtype}_matmul_gflops_before"], df[f"{dtype}_matmul_gflops_after"] = before[dtype], after[dtype]
+        df[f"{dtype}_matmul_gflops"] = (before[dtype] + after[dtype]) / 2
+    peak = df["bf16_matmul_gflops"].where(df["autocast_bf16"], df["fp32_matmul_gflops"])   # the step's dtype
+    df["train_fraction_of_ceiling"] = df["train_gflops"] / peak
+    df["infer_fraction_of_ceiling"] = df["infer_gflops"] / peak
     for metric in ("train_samples_per_s", "infer_samples_per_s"):   # speed-up over the paper setting, same head
         paper = df[df["setting"] == "paper"].set_index("head")[metric]
         df[metric.replace("_samples_per_s", "_speedup")] = df[metric] / df["head"].map(paper)
