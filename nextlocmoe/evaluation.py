@@ -32,19 +32,19 @@ def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: 
     model.eval()
     device = device or next(model.parameters()).device
     loader = ordered_loader(windows, split, batch_size)
-    index = CandidateIndex(windows.candidates)
     ranked, points, targets, targets_xy = [], [], [], []
     for batch in tqdm(loader, desc=desc or f"eval {split}", leave=False, disable=None):
         batch = move_batch(batch, device)
         out = model(batch)
         if out.scores is not None:   # ranking head: ranked batch by batch, memory stays at (batch, L)
-            ranked.append(rank_predictions(index, batch["target_location"].cpu(), batch["target_xy"].cpu(),
-                                           scores=out.scores.float().cpu()))
+            ranked.append(rank_predictions(windows.candidates, batch["target_location"].cpu(),
+                                           batch["target_xy"].cpu(), scores=out.scores.float().cpu()))
         else:                        # regression head: every point, then one KD-tree pass
             points.append(out.pred_xy.float().cpu().double())
             targets.append(batch["target_location"].cpu())
             targets_xy.append(batch["target_xy"].cpu().double())
     if points:
-        ranked = [rank_predictions(index, torch.cat(targets), torch.cat(targets_xy), points=torch.cat(points))]
+        ranked = [rank_predictions(CandidateIndex(windows.candidates), torch.cat(targets), torch.cat(targets_xy),
+                                   points=torch.cat(points))]
     model.train(was_training)
     return Ranked.concat(ranked).metrics()

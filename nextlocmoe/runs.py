@@ -57,6 +57,18 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
         torch.save(obj, tmp)
 
 
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint of `save_checkpoint` (tensors, numbers, strings, lists and dicts), read with torch's
+    weights-only unpickler: a file someone else wrote cannot run code on this machine. Anything else in it, or a
+    truncated or corrupted file, is one clear error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise NextLocMoEError(f"{path} is not a checkpoint this library can read safely (tensors, numbers, "
+                              f"strings, lists and dicts only): {type(err).__name__}: {str(err).splitlines()[0]}; "
+                              "retrain it, or resume in a new output directory") from None
+
+
 def read_run_config(run_dir: str | os.PathLike) -> ExperimentConfig:
     """The configuration a run directory was trained with (its config.yaml)."""
     path = Path(run_dir) / "config.yaml"
@@ -96,5 +108,5 @@ def load_run(run_dir: str | os.PathLike, windows: Windows | None = None, *, cfg:
     torch.manual_seed(cfg.train.seed)       # the fixed random parts of the model (as in train)
     model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
                         windows.history + windows.current)
-    load_trainable_state(model, torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    load_trainable_state(model, load_checkpoint(best_path)["model"])
     return LoadedRun(cfg, model.to(pick_device(device)).eval(), windows)

@@ -48,7 +48,7 @@ from .errors import NextLocMoEError
 from .evaluation import evaluate
 from .io import atomic_path, check_writable, provenance, remove_stale_temps, write_json_atomic, write_text_atomic
 from .model import build_model
-from .runs import limited, load_run, load_trainable_state, save_checkpoint, trainable_state
+from .runs import limited, load_checkpoint, load_run, load_trainable_state, save_checkpoint, trainable_state
 from .runtime import pick_device, resolve_mixed_precision
 
 SELECTION_METRIC = "hit@10"  # reference: best checkpoint by validation Hit@10
@@ -202,7 +202,7 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
 
 def _resume(run: _Run) -> None:
     """Load last.pt into the run: trainable weights, optimiser, scheduler and state (a different config refuses)."""
-    ckpt = torch.load(run.last_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run.last_path)
     if _training_part(ckpt["config"]) != training_dict(run.cfg):
         raise NextLocMoEError(f"--resume: {run.last_path} was written by a different config; "
                               "use a new output directory or the same config")
@@ -311,7 +311,7 @@ def _finish(run: _Run, stop_after_epochs: int | None) -> TrainResult:
         raise NextLocMoEError(f"no best checkpoint in {run.out_dir}: train.epochs={tc.epochs} ran no epoch")
 
     accelerator.wait_for_everyone()      # best.pt is written by the main process
-    best = torch.load(run.best_path, map_location="cpu", weights_only=False)
+    best = load_checkpoint(run.best_path)
     unwrapped = accelerator.unwrap_model(run.model)
     load_trainable_state(unwrapped, best["model"])
     test = evaluate_once(accelerator, unwrapped, run.windows, "test", tc.eval_batch_size, desc="test")

@@ -177,9 +177,9 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
     # 6. prediction state and head; the ranks follow the one tie rule of nextlocmoe.metrics
     walk.steps.append(Step("state", EQUATIONS["state"], {"state": _shape(seen["state"])}))
     target = int(arrays["target_location"][0])
-    index_ = CandidateIndex(windows.candidates)
     true_xy = np.asarray(arrays["target_xy"], dtype=np.float64)                             # (1, 2) metres
     if cfg.head == "regression":
+        index_ = CandidateIndex(windows.candidates)                                         # the KD-tree retrieval
         pred = out.pred_xy[0].cpu().numpy().astype(np.float64)                              # (2,) metres
         dist, idx = index_.topk(pred[None], min(top, len(index_)))                         # (1, k): ties -> lower id
         ranked = rank_predictions(index_, [target], true_xy, points=pred[None])
@@ -207,7 +207,7 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
             table["from copy"] = (g * p_copy[order]).round(4)
             table["from generator"] = ((1 - g) * p_gen[order]).round(4)
             note = f"copy gate g = {g:.3f}: the share of probability the mixture gives to the window's own places"
-        ranked = rank_predictions(index_, [target], true_xy, scores=scores.float().cpu())
+        ranked = rank_predictions(windows.candidates, [target], true_xy, scores=scores.float().cpu())
         walk.scores = scores.detach().cpu()
         walk.steps.append(Step("ranking", EQUATIONS["ranking"], {"scores": _shape(scores)}, table,
                                note=(note + "; " if note else "") +

@@ -18,8 +18,9 @@ import torch
 from nextlocmoe.cli import main
 from nextlocmoe.config import load_config
 from nextlocmoe.data.prepare import load_windows, prepare, save_windows
-from nextlocmoe.errors import OutputError
+from nextlocmoe.errors import NextLocMoEError, OutputError
 from nextlocmoe.io import atomic_path, check_writable, remove_stale_temps, write_text_atomic
+from nextlocmoe.runs import load_checkpoint
 from nextlocmoe.train import train
 
 SMALL = ["model.use_prompt=false", "train.max_train_windows=32", "train.max_eval_windows=16"]
@@ -226,7 +227,7 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert a["best_epoch"] == b["best_epoch"] and a["windows"] == b["windows"]
     # stated tolerance: weights agree to 1e-4 (gloo sums the two halves' gradients in another order)
-    wa, wb = (torch.load(tmp_path / d / "best.pt", weights_only=False)["model"] for d in ("one", "two"))
+    wa, wb = (load_checkpoint(tmp_path / d / "best.pt")["model"] for d in ("one", "two"))
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-5), name
@@ -234,3 +235,26 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
         for metric in ("hit@1", "hit@10", "mrr", "dist_mean_m"):
             assert b[split][metric] == pytest.approx(a[split][metric], rel=1e-3, abs=1e-3), (split, metric)
     np.testing.assert_equal(sorted(wa), sorted(wb))
+
+
+class _RunsCode:
+    """A pickle payload that would run a command when unpickled without the weights-only guard."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_a_damaged_one_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 1, "val": {"hit@10": 0.5}}, good)
+    assert load_checkpoint(good)["epoch"] == 1
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode()}, evil)
+    with pytest.raises(NextLocMoEError, match="evil.pt is not a checkpoint this library can read safely"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(NextLocMoEError, match="truncated.pt is not a checkpoint"):
+        load_checkpoint(truncated)

@@ -215,6 +215,17 @@ def thousands(value: float, _pos: Any = None) -> str:
     return f"{value:,.0f}"
 
 
+def plane_axes(ax: Any, title: str, adjustable: str) -> None:
+    """A map of the local plane: equal aspect, metres with thousands separators, the axis names of every map."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_aspect("equal", adjustable=adjustable)
+    ax.xaxis.set_major_formatter(FuncFormatter(thousands))
+    ax.yaxis.set_major_formatter(FuncFormatter(thousands))
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set(xlabel="x, east of centre (m)", ylabel="y, north of centre (m)", title=title)
+
+
 def spans_decades(values: Sequence[float] | np.ndarray, ratio: float = 30.0) -> bool:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v) & (v > 0)]

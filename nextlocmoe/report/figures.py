@@ -47,8 +47,8 @@ from ..data.schema import FUNCTIONS, UNKNOWN_FUNCTION
 from ..errors import ConfigError
 from ..results import TIDY_COLUMNS, is_interval_metric
 from .canvas import (SeriesKey, bold_legend, dodged_bars, draw_errorbars, fmt_number, interval_errors,
-                     interval_handle, legend_handles, legend_ncols, new_figure, require_columns, require_metrics,
-                     save_figure, series_keys, series_styles, spans_decades, styled, thousands, tidy)
+                     interval_handle, legend_handles, legend_ncols, new_figure, plane_axes, require_columns,
+                     require_metrics, save_figure, series_keys, series_styles, spans_decades, styled, tidy)
 from .routing_figures import (plot_active_experts, plot_function_gate_heatmap, plot_prediction_map,
                               plot_role_expert_heatmap, plot_routing_entropy)
 from .style import (FUNCTION_COLORS, KIND_HATCHES, NEXTLOCMOE_RED, TOKEN_KIND_COLORS, is_score, lower_is_better,
@@ -123,12 +123,7 @@ def plot_dataset_overview(data: Any, *, max_points: int = 60_000, seed: int = 0)
         mine = draw[function[draw] == f]
         ax_map.scatter(xy[mine, 0], xy[mine, 1], s=size, color=FUNCTION_COLORS.get(f, "#444444"),
                        label=f"{f} ({size_of[f]:,})", linewidths=0, alpha=0.8, rasterized=True)
-    ax_map.set_aspect("equal", adjustable="datalim")
-    ax_map.xaxis.set_major_formatter(FuncFormatter(thousands))
-    ax_map.yaxis.set_major_formatter(FuncFormatter(thousands))
-    ax_map.tick_params(axis="x", labelrotation=30)
-    ax_map.set(xlabel="x, east of centre (m)", ylabel="y, north of centre (m)",
-               title=f"{len(xy):,} candidate locations by function")
+    plane_axes(ax_map, f"{len(xy):,} candidate locations by function", adjustable="datalim")
     handles, labels = ax_map.get_legend_handles_labels()
     legend_order = sorted(range(len(order)), key=lambda i: present.index(order[i]))
     ax_map.legend([handles[i] for i in legend_order], [labels[i] for i in legend_order],

@@ -28,7 +28,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..data.schema import FUNCTIONS, ROLES, UNKNOWN_FUNCTION
 from ..errors import ConfigError
-from .canvas import dodged_bars, new_figure, ordered, require_columns, styled, thousands
+from .canvas import dodged_bars, new_figure, ordered, plane_axes, require_columns, styled, thousands
 from .style import NEXTLOCMOE_RED, TOKEN_KIND_COLORS, method_color
 
 __all__ = ["plot_role_expert_heatmap", "plot_function_gate_heatmap", "plot_active_experts", "plot_routing_entropy",
@@ -277,12 +277,7 @@ def plot_prediction_map(df: pd.DataFrame, candidates: Any = None, max_windows: i
         pad = 0.06 * max(float((hi - lo).max()), 1.0)
         ax_map.set_xlim(lo[0] - pad, hi[0] + pad)
         ax_map.set_ylim(lo[1] - pad, hi[1] + pad)
-    ax_map.set_aspect("equal", adjustable="box")
-    ax_map.xaxis.set_major_formatter(FuncFormatter(thousands))
-    ax_map.yaxis.set_major_formatter(FuncFormatter(thousands))
-    ax_map.tick_params(axis="x", labelrotation=30)
-    ax_map.set(xlabel="x, east of centre (m)", ylabel="y, north of centre (m)",
-               title=f"{len(d)} test windows (a seeded random draw)")
+    plane_axes(ax_map, f"{len(d)} test windows (a seeded random draw)", adjustable="box")
     ax_map.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False, markerscale=1.3)
 
     errors = pd.to_numeric(df["error_m"], errors="coerce").to_numpy(dtype=float)
