@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .metrics import DEFAULT_KS, Ranked, rank_predictions
+from .model.features import NextVisitTime
 from .model.heads import log_popularity_prior
 from .model.pointer import CopyMixture
 from .utils import as_numpy, default, exists
@@ -342,6 +343,9 @@ class NeuralBaselineConfig:
     max_val_windows: int | None = 2000   # validation windows scored after each epoch when patience is set
     pointer_gate_init: str = "repeat_rate"  # transformer_pointer's copy gate at the start: "repeat_rate" (the training
                                          # share of targets inside their window) or "baseline" (the exact floor)
+    next_visit_time: bool = True         # the next visit's hour and weekday added to the last state (zero-initialised,
+                                         # model/features.py) and, for transformer_pointer, the copy attention's time
+                                         # term started at the tuned window_time scorer: the same as NextLocMoE's
     lr: float = 1e-3                     # Adam learning rate (Adam defaults otherwise)
     weight_decay: float = 0.0            # Adam L2 penalty
     batch_size: int = 128                # training windows per step
@@ -392,6 +396,12 @@ class RecordEmbedding(nn.Module):
         return self.location(location) + self.weekday(weekday) + self.hour(hour)   # (B, T, E)
 
 
+def with_next_visit(module: NextVisitTime | None, state: torch.Tensor, next_hour: torch.Tensor,
+                    next_weekday: torch.Tensor) -> torch.Tensor:
+    """The state plus the next visit's time (model/features.py), or the state itself when switched off."""
+    return state if module is None else module(state, next_hour, next_weekday)
+
+
 class LSTMNet(nn.Module):
     """Embeddings -> multi-layer LSTM over the records -> last hidden state -> logits over L locations."""
 
@@ -402,11 +412,14 @@ class LSTMNet(nn.Module):
                             dropout=cfg.dropout if cfg.layers > 1 else 0.0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden_dim, n_locations)
+        self.next_visit = NextVisitTime(cfg.hidden_dim) if cfg.next_visit_time else None   # built last
 
-    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
+    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor,
+                next_hour: torch.Tensor, next_weekday: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(location, weekday, hour)                            # (B, T, E)
         states, _ = self.lstm(tokens)                                           # (B, T, D)
-        return self.classifier(self.dropout(states[:, -1]))                    # (B, L)
+        return self.classifier(self.dropout(with_next_visit(self.next_visit, states[:, -1], next_hour,
+                                                            next_weekday)))   # (B, L)
 
 
 class TransformerNet(nn.Module):
@@ -427,9 +440,12 @@ class TransformerNet(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.hidden_dim)
         self.classifier = nn.Linear(cfg.hidden_dim, n_locations)
+        self.next_visit = NextVisitTime(cfg.hidden_dim) if cfg.next_visit_time else None   # built last
 
-    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.norm(self.encode(location, weekday, hour)[:, -1]))   # (B, L)
+    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor,
+                next_hour: torch.Tensor, next_weekday: torch.Tensor) -> torch.Tensor:
+        state = self.norm(self.encode(location, weekday, hour)[:, -1])          # (B, D)
+        return self.classifier(with_next_visit(self.next_visit, state, next_hour, next_weekday))   # (B, L)
 
     def encode(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) encoder states before the final norm."""
@@ -450,7 +466,8 @@ class TransformerPointerNet(TransformerNet):
 
     def __init__(self, n_locations: int, n_positions: int, cfg: NeuralBaselineConfig):
         super().__init__(n_locations, n_positions, cfg)
-        self.pointer = CopyMixture(cfg.hidden_dim, cfg.hidden_dim, n_positions, dim=cfg.hidden_dim // 2)
+        self.pointer = CopyMixture(cfg.hidden_dim, cfg.hidden_dim, n_positions, dim=cfg.hidden_dim // 2,
+                                   time_terms=cfg.next_visit_time)
 
     @torch.no_grad()
     def start_at_popularity(self, counts: np.ndarray) -> None:
@@ -459,10 +476,14 @@ class TransformerPointerNet(TransformerNet):
         self.classifier.weight.zero_()
         self.classifier.bias.copy_(prior.to(self.classifier.bias.device))
 
-    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor) -> torch.Tensor:
+    def forward(self, location: torch.Tensor, weekday: torch.Tensor, hour: torch.Tensor,
+                next_hour: torch.Tensor, next_weekday: torch.Tensor) -> torch.Tensor:
         states = self.norm(self.encode(location, weekday, hour))                 # (B, T, D)
-        logits = self.classifier(states[:, -1])                                 # (B, L)
-        return self.pointer(states[:, -1], states, location, logits)           # (B, L) log p
+        state = with_next_visit(self.next_visit, states[:, -1], next_hour, next_weekday)   # (B, D)
+        logits = self.classifier(state)                                         # (B, L)
+        visit_time = dict(hour=hour, weekday=weekday, next_hour=next_hour, next_weekday=next_weekday)
+        return self.pointer(state, states, location, logits,
+                            visit_time=visit_time if self.pointer.time_terms else None)   # (B, L) log p
 
 
 class NeuralBaseline(Baseline):
@@ -499,14 +520,16 @@ class NeuralBaseline(Baseline):
         self._check_fitted()
         return sum(p.numel() for p in self.net.parameters())
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """(location, weekday, hour) (B, T) of the window's records, then next_hour, next_weekday (B,)."""
         arrays = {key: _get(batch, key) for key in SEQUENCE_KEYS}
         location = np.concatenate([arrays["hist_location"], arrays["cur_location"]], axis=1)  # (B, T)
         self._check_ids(location, "hist_location/cur_location")
         weekday = np.concatenate([arrays["hist_weekday"], arrays["cur_weekday"]], axis=1)    # (B, T)
         hour = np.concatenate([arrays["hist_hour"], arrays["cur_hour"]], axis=1)              # (B, T)
-        as_ids = lambda a: torch.as_tensor(a.astype(np.int64), device=self.device)
-        return as_ids(location), as_ids(weekday), as_ids(hour)
+        as_ids = lambda a: torch.as_tensor(np.asarray(a).astype(np.int64), device=self.device)
+        return (as_ids(location), as_ids(weekday), as_ids(hour), as_ids(_get(batch, "next_hour")),
+                as_ids(_get(batch, "next_weekday")))
 
     def fit(self, windows: Any, cfg: NeuralBaselineConfig | None = None) -> "NeuralBaseline":
         if exists(cfg):
@@ -532,6 +555,10 @@ class NeuralBaseline(Baseline):
                 self.net.start_at_popularity(Popularity("targets").fit(windows).counts)
                 if cfg.pointer_gate_init == "repeat_rate":      # gate at the repeat rate (model/pointer.py)
                     self.net.pointer.set_copy_rate(train_windows.repeat_rate("train"))
+                if self.net.pointer.time_terms:                 # time term at the tuned scorer (as NextLocMoE's)
+                    from .window_scorers import make_scorer     # window_scorers builds on this module
+                    w = make_scorer("window_time").fit(train_windows).weights     # chosen on validation
+                    self.net.pointer.set_time_prior(w.sigma, w.same_weekday, w.same_daytype)
             self.net = self.net.to(self.device)
             optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             steps_per_epoch = -(-n_train // cfg.batch_size)

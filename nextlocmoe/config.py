@@ -67,7 +67,7 @@ class TrainConfig:
 
 
 ALL_ABLATIONS = ("no_location_moe", "no_personalized_moe", "no_history_router", "routing", "renormalize", "experts",
-                 "depth", "backbone_init", "head", "pointer", "prompt", "prompt_history")
+                 "depth", "backbone_init", "head", "pointer", "next_visit_time", "prompt", "prompt_history")
 
 
 @dataclass
@@ -200,7 +200,8 @@ def _cpu() -> ExperimentConfig:
                           early_stop_patience=3),
         plan=PlanConfig(datasets=("nyc", "synthetic"), baseline_epochs=5, baseline_patience=2,
                         baseline_train_windows=4096,
-                        ablations=("no_location_moe", "no_personalized_moe", "pointer", "renormalize", "prompt_history"),
+                        ablations=("no_location_moe", "no_personalized_moe", "pointer", "next_visit_time", "renormalize",
+                                   "prompt_history"),
                         ablation_train=small,
                         zero_shot_train=small, expert_counts=(1, 11), depths=(4, 12),
                         region_dataset="nyc", llm_mob_samples=10, llm_mob_history=40, batch_sweep=(1, 8, 32),

@@ -11,6 +11,11 @@ on GPU, best checkpoint by validation Hit@10. Two things the reference leaves to
 
 A non-finite loss stops the run with a clear message; the last good checkpoint is left untouched.
 
+The untrained model is validated too, before the first period ("epoch 0" of the history): it is the first
+point of every validation curve and a candidate for the best checkpoint, so a run whose training never beats
+its start tests its start (the ranking head starts at the tuned training-free window_time scorer, the offset
+regression head at the current place: docs/design.md §3.6, §3.9), and says so with best_epoch = 0.
+
 Several processes (`accelerate launch`, or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N` on CPUs) each
 train on their shard of every epoch's batches (data parallel: a global batch of N x train.batch_size); only the
 main process writes the run directory and prints, and validation / test run once, on the main process, whose
@@ -50,7 +55,9 @@ from .io import atomic_path, check_writable, provenance, remove_stale_temps, wri
 from .model import build_model
 from .runs import limited, load_checkpoint, load_run, load_trainable_state, save_checkpoint, trainable_state
 from .runtime import pick_device, resolve_mixed_precision
+from .window_scorers import make_scorer
 
+TIME_PRIOR_SCORER = "window_time"   # the tuned scorer whose parameters start the copy mixture's time term
 SELECTION_METRIC = "hit@10"  # reference: best checkpoint by validation Hit@10
 
 
@@ -61,7 +68,7 @@ class TrainingDiverged(NextLocMoEError):
 @dataclass
 class TrainResult:
     out_dir: Path
-    best_epoch: int                 # 1-based epoch whose checkpoint produced the test metrics
+    best_epoch: int                 # 1-based epoch whose checkpoint produced the test metrics; 0 = the untrained start
     val: dict[str, float]           # validation metrics of the best checkpoint
     test: dict[str, float]          # test metrics of the best checkpoint
     history: pd.DataFrame           # one row per epoch: train loss parts, validation metrics, lr, seconds
@@ -164,8 +171,8 @@ class _Period:
 
 def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows | None,
            started: float) -> _Run:
-    """Data, model (ranking head at popularity, copy gate at the repeat rate), optimiser and scheduler, then
-    last.pt's state when resuming. The order of the random draws is fixed: seeding comes right before the model
+    """Data, model (ranking head at popularity, copy gate at the repeat rate, copy attention's time term at the
+    tuned window_time scorer chosen on validation), optimiser and scheduler, then last.pt's state when resuming. The order of the random draws is fixed: seeding comes right before the model
     is built, so the same config builds the same model whether or not it resumes."""
     tc = cfg.train
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
@@ -184,6 +191,8 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
     model.set_popularity_prior(Popularity("targets").fit(windows).counts)   # ranking head: starts at popularity
     if cfg.model.pointer_gate_init == "repeat_rate":                        # copy gate: at the repeat rate
         model.set_copy_rate(windows.repeat_rate("train"))
+    if getattr(model, "pointer", None) is not None and model.pointer.time_terms:   # time term: the tuned scorer's
+        model.set_time_prior(make_scorer(TIME_PRIOR_SCORER).fit(windows).weights)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.plateau_factor,
@@ -191,7 +200,8 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
     model, optimizer = accelerator.prepare(model, optimizer)
 
     run = _Run(cfg, out_dir, accelerator, windows, model, params, optimizer, scheduler,
-               state=dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[], steps=[]),
+               state=dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[], steps=[],
+                          train_windows=0),
                hide_bars=None if main else True, started=started)
     if resume and run.last_path.exists():
         _resume(run)
@@ -239,7 +249,7 @@ def _train_period(run: _Run, epoch: int) -> _Period:
     loader = accelerator.prepare(loader)
     model.train()
     sums: dict[str, float] = {}
-    n_batches = 0
+    n_batches = n_windows = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=run.hide_bars)
     for step, batch in enumerate(bar):
         with accelerator.accumulate(model):
@@ -267,34 +277,41 @@ def _train_period(run: _Run, epoch: int) -> _Period:
             sums[k] = sums.get(k, 0.0) + v
         run.state["steps"].append({"epoch": epoch + 1, "step": len(run.state["steps"]) + 1, **values})
         n_batches += 1
+        n_windows += len(batch["target_location"])
         bar.set_postfix(loss=f"{loss.item():.4g}")
+    run.state["train_windows"] = run.state.get("train_windows", 0) + n_windows * accelerator.num_processes
     return _Period(epoch, started, {k: v / max(n_batches, 1) for k, v in sums.items()})
 
 
-def _end_period(run: _Run, period: _Period) -> None:
+def _end_period(run: _Run, period: _Period | None) -> None:
     """Validate, step the scheduler, append the history row, count a period without improvement (early
-    stopping, `_stops_before`), save best.pt when validation Hit@10 improved and last.pt always."""
-    accelerator, state, epoch = run.accelerator, run.state, period.epoch
+    stopping, `_stops_before`), save best.pt when validation Hit@10 improved and last.pt always. `period=None`
+    validates the untrained start (history's epoch 0: no training parts, 0 training windows)."""
+    accelerator, state = run.accelerator, run.state
+    done = 0 if period is None else period.epoch + 1          # periods trained so far
+    started = time.perf_counter() if period is None else period.started
     unwrapped = accelerator.unwrap_model(run.model)
     val = evaluate_once(accelerator, unwrapped, run.windows, "val", run.cfg.train.eval_batch_size,
-                        desc=f"val {epoch + 1}")
+                        desc="val start" if period is None else f"val {done}")
     run.scheduler.step(val[SELECTION_METRIC])
-    row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in period.train_means.items()},
+    train_means = {} if period is None else period.train_means
+    row = {"epoch": done, "train_windows": state.get("train_windows", 0),
+           **{f"train_{k}": v for k, v in train_means.items()},
            **{f"val_{k}": v for k, v in val.items()}, "lr": run.optimizer.param_groups[0]["lr"],
-           "seconds": time.perf_counter() - period.started}
+           "seconds": time.perf_counter() - started}
     state["history"].append(row)
-    state["epoch"] = epoch + 1
+    state["epoch"] = done
     if val[SELECTION_METRIC] > state["best_metric"]:
-        state.update(best_metric=val[SELECTION_METRIC], best_epoch=epoch + 1, bad_epochs=0)
+        state.update(best_metric=val[SELECTION_METRIC], best_epoch=done, bad_epochs=0)
         if accelerator.is_main_process:
-            save_checkpoint(run.best_path, {"model": trainable_state(unwrapped), "epoch": epoch + 1, "val": val})
+            save_checkpoint(run.best_path, {"model": trainable_state(unwrapped), "epoch": done, "val": val})
     else:
         state["bad_epochs"] += 1
     if accelerator.is_main_process:
         save_checkpoint(run.last_path, {"model": trainable_state(unwrapped), "optimizer": run.optimizer.state_dict(),
                                         "scheduler": run.scheduler.state_dict(), "state": state,
                                         "config": run.cfg.to_dict()})
-    accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
+    accelerator.print(f"epoch {done}{' (untrained start)' if period is None else ''}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in row.items()
         if k.startswith(("train_loss", "val_hit", "val_mrr")) and not k.endswith(("_lo", "_hi"))))
     accelerator.wait_for_everyone()
@@ -335,12 +352,14 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
           windows: Windows | None = None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
 
-    out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch),
-    history.csv (one row per epoch), steps.csv (one row per training batch: loss parts, routing entropies)
+    out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch, 0 = the
+    untrained start), history.csv (one row per validation point, the untrained start first), steps.csv (one row per training batch: loss parts, routing entropies)
     and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
     interruption would (tests use it to check that `resume=True` reproduces an uninterrupted run).
     """
     run = _setup(cfg, Path(out_dir), resume, windows, started=time.perf_counter())
+    if not run.state["history"]:         # the untrained start: the first validation point (module docstring)
+        _end_period(run, None)
     done, total = run.state["epoch"], cfg.train.epochs
     for epoch in tqdm(range(done, total), desc="epochs", initial=done, total=total, disable=run.hide_bars):
         if _stops_before(run, epoch, stop_after_epochs):

@@ -10,10 +10,15 @@ votes for its place with a weight
         * exp(-dh_t^2 / (2 sigma^2))                      hour closeness: dh_t = circular |hour_t - next_hour| (h)
         * (1 + same_weekday [weekday_t = next_weekday])   the same weekday as the next visit
         * (1 + same_daytype [weekend_t = next weekend])   the same kind of day (Saturday/Sunday or not)
+        * exp(beta t)                                     a tie-break: beta = model.pointer.recency_slope(T)
 
-and a place scores the sum of its visits' weights. Places the window never visits rank below every visited one,
+and a place scores the sum of its visits' weights. The last factor is the copy mixture's recency slope, so
+small that one visit more always outweighs it in a count; it ranks equal weights by recency (for
+visits at equal hours: the latest first) the way `baselines.UserMostFrequent` does, and it makes the copy
+mixture of the ranking head, started at a scorer's parameters (`CopyMixture.set_time_prior`), rank exactly
+like the scorer. Places the window never visits rank below every visited one,
 by training popularity (or not at all, where there is no training data: zero-shot). With half_life = sigma = inf
-and both bonuses 0 the score is the visit count, i.e. `baselines.UserMostFrequent` up to its recency tie-break.
+and both bonuses 0 the places rank like `baselines.UserMostFrequent`.
 
 A family (`SCORERS`), one per combination of the four ingredients; each has a small grid of its parameters, and
 `fit` picks the grid point with the highest MRR on the VALIDATION split (never test; seconds). The grid is
@@ -38,9 +43,9 @@ from tqdm.auto import tqdm
 from .baselines import WithPopularity, _get, input_locations
 from .errors import ConfigError, DataError
 from .metrics import mean_reciprocal_rank
+from .model.pointer import WEEKEND, recency_slope
 
 INF = math.inf
-WEEKEND = 5     # weekday index of Saturday (Monday = 0): 5 and 6 are the weekend
 
 # the grid of each parameter (inf / 0 switch the ingredient off)
 HALF_LIVES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, INF)          # records
@@ -83,7 +88,7 @@ def visit_weights(batch: dict[str, Any], p: WindowWeights) -> np.ndarray:
     weekday = np.concatenate([_get(batch, "hist_weekday"), _get(batch, "cur_weekday")], axis=1)  # (B, T)
     next_hour, next_weekday = _get(batch, "next_hour"), _get(batch, "next_weekday")              # (B,), (B,)
     T = hour.shape[1]
-    w = np.ones(hour.shape, dtype=np.float64)
+    w = np.broadcast_to(np.exp(recency_slope(T) * np.arange(T, dtype=np.float64))[None, :], hour.shape).copy()
     if math.isfinite(p.half_life):
         w = w * np.exp2(-(T - 1 - np.arange(T, dtype=np.float64)) / p.half_life)[None, :]
     if math.isfinite(p.sigma):

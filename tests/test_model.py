@@ -33,6 +33,7 @@ def make_batch(B: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         cur_location=torch.randint(0, L, (B, C), generator=g),
         target_xy=(torch.randn(B, 2, generator=g) * 800).float(), target_location=torch.randint(0, L, (B,), generator=g),
         user=torch.zeros(B, dtype=torch.long), subuser=torch.zeros(B, dtype=torch.long),
+        next_hour=torch.randint(0, 24, (B,), generator=g), next_weekday=torch.randint(0, 7, (B,), generator=g),
     )
 
 

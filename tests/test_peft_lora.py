@@ -124,6 +124,7 @@ def random_batch(B: int = 3, H: int = 40, C: int = 5) -> dict[str, torch.Tensor]
         out[f"{prefix}_duration"] = torch.rand(B, T, generator=g)
     out["target_xy"] = torch.randn(B, 2, generator=g) * 500
     out["target_location"] = torch.randint(0, 20, (B,), generator=g)
+    out["next_hour"], out["next_weekday"] = torch.randint(0, 24, (B,), generator=g), torch.randint(0, 7, (B,), generator=g)
     return out
 
 

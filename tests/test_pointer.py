@@ -178,3 +178,61 @@ def test_log_popularity_prior_makes_the_softmax_proportional_to_smoothed_counts(
     prior = log_popularity_prior(counts)
     torch.testing.assert_close(prior.softmax(-1), (counts + 1) / (counts + 1).sum())
     assert abs(float(prior.mean())) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# the time term (model.next_visit_time): the copy attention started at the tuned window_time scorer
+
+def test_time_term_is_the_log_of_the_scorers_visit_weight():
+    """exp(b_t + tau_t) of the mixture == the scorer's visit weight w_t (window_scorers.visit_weights, numpy,
+    written independently) up to one constant per window, on random windows and parameters."""
+    from nextlocmoe.window_scorers import WindowWeights, visit_weights
+    rng = np.random.default_rng(0)
+    B, T = 6, 9
+    batch = {"hist_hour": rng.integers(0, 24, (B, T - 2)), "cur_hour": rng.integers(0, 24, (B, 2)),
+             "hist_weekday": rng.integers(0, 7, (B, T - 2)), "cur_weekday": rng.integers(0, 7, (B, 2)),
+             "next_hour": rng.integers(0, 24, B), "next_weekday": rng.integers(0, 7, B)}
+    for p in (WindowWeights(sigma=0.5, same_weekday=2.0, same_daytype=0.5), WindowWeights(sigma=3.0),
+              WindowWeights(same_daytype=1.0)):
+        mix = CopyMixture(8, 8, positions=T, dim=4, time_terms=True)
+        mix.set_time_prior(p.sigma, p.same_weekday, p.same_daytype)
+        t = lambda a: torch.as_tensor(a)
+        visit_time = {"hour": t(np.concatenate([batch["hist_hour"], batch["cur_hour"]], 1)),
+                      "weekday": t(np.concatenate([batch["hist_weekday"], batch["cur_weekday"]], 1)),
+                      "next_hour": t(batch["next_hour"]), "next_weekday": t(batch["next_weekday"])}
+        state, keys = torch.randn(B, 8), torch.randn(B, T, 8)
+        a = mix.attention(state, keys, visit_time).detach().double().numpy()     # query = 0: biases alone
+        w = visit_weights(batch, p)
+        np.testing.assert_allclose(a, w / w.sum(1, keepdims=True), rtol=1e-4, atol=1e-7)   # float32 underflow
+    with pytest.raises(DataError, match="visit_time"):
+        mix.attention(state, keys)
+    with pytest.raises(DataError, match="without time terms"):
+        CopyMixture(8, 8, positions=T).set_time_prior(1.0, 0.0, 0.0)
+
+
+@torch.no_grad()
+def test_untrained_pointer_head_with_its_time_prior_ranks_like_the_tuned_window_time_scorer(tmp_path):
+    """Step 0 of the ranking head = the tuned window_time scorer: the same rank of the target on (nearly) every
+    test window of the smoke city; only float32 rounding of near-equal sums may swap two places."""
+    from nextlocmoe.window_scorers import make_scorer
+    cfg = load_config("smoke", overrides=["model.head=ranking", "model.use_prompt=false",
+                                          "model.pointer_gate_init=baseline"])
+    windows = prepare(cfg.data, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                        windows.history + windows.current).eval()
+    model.set_popularity_prior(Popularity("targets").fit(windows).counts)
+    scorer = make_scorer("window_time").fit(windows)
+    assert math.isfinite(scorer.weights.sigma)          # the time term is on: a real test of it
+    model.set_time_prior(scorer.weights)
+    batch = windows.batch("test", np.arange(windows.n_windows("test")))
+    scores = model({k: torch.as_tensor(v) for k, v in batch.items()}).scores.numpy()
+    target = batch["target_location"]
+    ours, theirs = ranks_from_scores(scores, target), ranks_from_scores(scorer.score(batch), target)
+    assert (ours == theirs).mean() >= 0.99
+    assert (ours != theirs).sum() <= 2
+    untimed = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
+                          windows.history + windows.current).eval()    # the same model without its time prior
+    untimed.set_popularity_prior(Popularity("targets").fit(windows).counts)
+    plain = ranks_from_scores(untimed({k: torch.as_tensor(v) for k, v in batch.items()}).scores.numpy(), target)
+    assert (plain != theirs).sum() > 2 * max(1, (ours != theirs).sum())   # the prior changed the ranking

@@ -33,8 +33,9 @@ def full_run(smoke_cfg, smoke_windows, tmp_path_factory):
 @pytest.mark.slow
 def test_test_metrics_come_from_the_best_checkpoint(full_run, smoke_cfg, smoke_windows):
     hist = full_run.history
-    assert len(hist) == 3
-    best = int(hist["val_hit@10"].to_numpy().argmax()) + 1  # first epoch reaching the maximum
+    assert hist["epoch"].tolist() == [0, 1, 2, 3]           # the untrained start first
+    assert hist["train_windows"].tolist() == [0, 96, 192, 288]
+    best = int(hist["epoch"].iloc[int(hist["val_hit@10"].to_numpy().argmax())])  # first point reaching the maximum
     assert full_run.best_epoch == best
     again = evaluate_checkpoint(smoke_cfg, full_run.out_dir, "test", windows=smoke_windows)
     assert again == pytest.approx(full_run.test)
@@ -48,12 +49,12 @@ def test_test_metrics_come_from_the_best_checkpoint(full_run, smoke_cfg, smoke_w
 @pytest.mark.slow
 def test_resume_reaches_the_same_result(full_run, smoke_cfg, smoke_windows, tmp_path):
     partial = train(smoke_cfg, tmp_path, windows=smoke_windows, stop_after_epochs=1)
-    assert len(partial.history) == 1 and not (tmp_path / "metrics.json").exists()
+    assert len(partial.history) == 2 and not (tmp_path / "metrics.json").exists()   # start + one epoch
     resumed = train(smoke_cfg, tmp_path, windows=smoke_windows, resume=True)
     assert resumed.best_epoch == full_run.best_epoch
     assert resumed.test == pytest.approx(full_run.test, rel=1e-6)
     cols = [c for c in full_run.history.columns if c != "seconds"]
-    assert resumed.history[cols].to_numpy() == pytest.approx(full_run.history[cols].to_numpy(), rel=1e-5)
+    assert resumed.history[cols].to_numpy() == pytest.approx(full_run.history[cols].to_numpy(), rel=1e-5, nan_ok=True)
 
 
 @pytest.mark.slow
@@ -119,7 +120,8 @@ def test_non_finite_gradients_stop_before_the_step(smoke_cfg, smoke_windows, tmp
     monkeypatch.setattr(model_module.NextLocMoE, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match="gradients became non-finite .* at epoch 1, step 1"):
         train(smoke_cfg, tmp_path, windows=smoke_windows)
-    assert not (tmp_path / "last.pt").exists()
+    from nextlocmoe.runs import load_checkpoint                   # what is kept: the validated untrained start
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["epoch"] == 0
 
 
 def test_training_periods_tile_a_stream_of_seeded_passes():
@@ -139,9 +141,27 @@ def test_windows_per_epoch_gives_one_validation_point_per_period(smoke_cfg, smok
                                           "train.max_eval_windows=48", "train.max_test_windows=20",
                                           "train.early_stop_patience=10", "train.batch_size=16"])
     result = train(cfg, tmp_path, windows=smoke_windows)
-    assert len(result.history) == 3 and result.test["n"] == 20 and result.val["n"] == min(48, smoke_windows.n_windows("val"))
+    assert len(result.history) == 4 and result.test["n"] == 20 and result.val["n"] == min(48, smoke_windows.n_windows("val"))
     per_epoch = pd.read_csv(tmp_path / "steps.csv").groupby("epoch").size()
     assert per_epoch.tolist() == [2, 2, 2]                                   # 32 windows = 2 batches of 16 each
+
+
+@pytest.mark.slow
+def test_the_untrained_start_is_validated_and_kept_when_training_never_beats_it(smoke_cfg, smoke_windows, tmp_path,
+                                                                                 monkeypatch):
+    """With every optimiser step a no-op the later periods tie with the start: best_epoch 0, and the test metrics
+    are those of the untrained model (the same config built without training)."""
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: None)
+    cfg = load_config("smoke", overrides=["train.epochs=2", "train.max_train_windows=32", "train.max_eval_windows=48",
+                                          "train.early_stop_patience=10"])
+    result = train(cfg, tmp_path, windows=smoke_windows)
+    assert result.best_epoch == 0 and result.history["epoch"].tolist() == [0, 1, 2]
+    assert result.history["val_hit@10"].nunique() == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == 0
+    start = train(load_config("smoke", overrides=["train.epochs=1", "train.max_train_windows=32",
+                                                  "train.max_eval_windows=48", "train.early_stop_patience=0"]),
+                  tmp_path / "start", windows=smoke_windows)       # patience 0: stops before any period
+    assert start.history["epoch"].tolist() == [0] and start.test == pytest.approx(result.test)
 
 
 def test_bad_budget_values_name_the_field():

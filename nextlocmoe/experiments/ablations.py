@@ -122,6 +122,14 @@ def _pointer(base: ModelConfig, plan: PlanConfig) -> Variants:
                            dataclasses.replace(base, ranking_pointer=False))}
 
 
+@register_ablation("next_visit_time")
+def _next_visit_time(base: ModelConfig, plan: PlanConfig) -> Variants:
+    if not base.next_visit_time:
+        return {}
+    return {"no_next_visit_time": ("no explicit next-visit time (the paper's inputs: the last duration only)",
+                                   dataclasses.replace(base, next_visit_time=False))}
+
+
 @register_ablation("prompt")
 def _prompt(base: ModelConfig, plan: PlanConfig) -> Variants:
     name = "no_prompt" if base.use_prompt else "with_prompt"

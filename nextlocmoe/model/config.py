@@ -132,6 +132,10 @@ class ModelConfig:
     pointer_gate_init: str = "repeat_rate"  # copy gate at the start of training: "repeat_rate" (the training share
                                      # of targets inside their window) or "baseline" (g ~ 1: exactly the most frequent
                                      # place's ranking); model/pointer.py
+    next_visit_time: bool = True     # ours: the next visit's hour and weekday (known from the last duration) added to
+                                     # the prediction state (zero-initialised) and, with the copy mixture, a time
+                                     # term in its attention started at the tuned window_time scorer (docs §3.9);
+                                     # False = the paper's inputs only (ablation "no explicit next-visit time")
 
     def __post_init__(self) -> None:
         if isinstance(self.pmoe_layers, list):

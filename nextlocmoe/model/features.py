@@ -8,12 +8,43 @@ Each record (x, y, weekday, hour, duration) becomes, as in the reference code,
 and two separate bias-free linear maps lift history tokens and current tokens to the backbone width D.
 For the current tokens the coordinate part is replaced by the Location Semantics MoE output
 (`location_moe.py`); the plain coordinate projection then serves as that MoE's shared expert.
+
+The next visit's time (ours, docs/design.md §3.9): the last record's duration says when the next visit happens,
+so its hour and weekday are known (batch keys "next_hour", "next_weekday"). `next_visit_features` writes them
+as five numbers, the same for every learned model of the project; `NextVisitTime` adds a linear map of them to a
+model's prediction state, zero at initialisation so that an untrained model is unchanged.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+
+NEXT_VISIT_FEATURES = 5     # sin / cos of the hour, sin / cos of the weekday, weekend
+
+
+def next_visit_features(next_hour: torch.Tensor, next_weekday: torch.Tensor) -> torch.Tensor:
+    """(B,) hour of day in [0, 24) and weekday (Monday = 0) of the next visit -> (B, 5) float32:
+    [sin, cos of 2 pi hour / 24, sin, cos of 2 pi weekday / 7, 1 on Saturday and Sunday]."""
+    hour = next_hour.float() * (2 * math.pi / 24)
+    day = next_weekday.float() * (2 * math.pi / 7)
+    weekend = (next_weekday >= 5).float()
+    return torch.stack([hour.sin(), hour.cos(), day.sin(), day.cos(), weekend], dim=-1)
+
+
+class NextVisitTime(nn.Module):
+    """state (B, D) + W next_visit_features (B, 5), W zero at initialisation (module docstring)."""
+
+    def __init__(self, state_dim: int):
+        super().__init__()
+        self.projection = nn.Linear(NEXT_VISIT_FEATURES, state_dim, bias=False)
+        nn.init.zeros_(self.projection.weight)
+
+    def forward(self, state: torch.Tensor, next_hour: torch.Tensor, next_weekday: torch.Tensor) -> torch.Tensor:
+        features = next_visit_features(next_hour.to(state.device), next_weekday.to(state.device))   # (B, 5)
+        return state + self.projection(features).to(state.dtype)                                  # (B, D)
 
 
 class TokenFeatures(nn.Module):

@@ -40,7 +40,7 @@ from .backbone import (Backbone, LoraLayer, add_dense_lora, embed_text, embed_to
                        load_backbone, randomly_initialised)
 from .config import ModelConfig
 from .decoder import run_decoder
-from .features import TokenFeatures, TokenProjections
+from .features import NextVisitTime, TokenFeatures, TokenProjections
 from .heads import RankingHead, RegressionHead, final_norm_float32
 from .history_router import HistoryRouter
 from .location_moe import LocationSemanticsMoE
@@ -51,6 +51,7 @@ from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_n
 BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
               "cur_xy", "cur_weekday", "cur_hour", "cur_duration")
 POINTER_KEYS = ("hist_location", "cur_location")   # the window's place ids, read by the copy mixture only
+NEXT_VISIT_KEYS = ("next_hour", "next_weekday")     # the next visit's time (model.next_visit_time)
 WINDOW_RECORDS = 45   # S_h + S_c of the paper (40 + 5): the longest window the copy mixture's biases cover by default
 
 
@@ -68,7 +69,8 @@ INTERMEDIATES = {   # what forward(return_intermediates=True) records, in the or
     "current_features": "(B, C, 176) token features of the current records (before the Location Semantics MoE)",
     "tokens": "(B, P + H + C, D) the backbone's input sequence: prompt, history and current tokens",
     "hidden": "(B, P + H + C, D) the last decoder layer's hidden states, before the final norm",
-    "state": "(B, D) float32 the prediction state: final RMSNorm of the last token",
+    "state": "(B, D) float32 the prediction state: final RMSNorm of the last token, plus the next visit's time "
+             "(model.next_visit_time)",
     "generator_scores": "(B, L) the ranking head's scores before the copy mixture (ranking head only)",
     "copy_gate": "(B, 1) g, the probability of copying (ranking head with the copy mixture only)",
     "copy_attention": "(B, H + C) the copy mixture's attention over the window's records (idem)",
@@ -188,7 +190,8 @@ class NextLocMoE(nn.Module):
         # which needs the generator to start at the popularity prior alone: a zero query (like LoRA's B = 0)
         self.pointer = None
         if cfg.head == "ranking" and cfg.ranking_pointer:
-            self.pointer = CopyMixture(d_model, d_model, window_records, cfg.pointer_dim)
+            self.pointer = CopyMixture(d_model, d_model, window_records, cfg.pointer_dim,
+                                       time_terms=cfg.next_visit_time)
             with torch.no_grad():
                 self.head.query.weight.zero_()
                 self.head.query.bias.zero_()
@@ -198,6 +201,9 @@ class NextLocMoE(nn.Module):
         if cfg.dense_lora:
             add_dense_lora(self.llama, cfg.personalized.lora_r, cfg.personalized.lora_alpha,
                            cfg.personalized.lora_dropout)
+        # --- the next visit's time added to the prediction state, zero at the start (ours, features.py; built last
+        # for the same reason)
+        self.next_visit = NextVisitTime(d_model) if cfg.next_visit_time else None
 
         # Everything inside the backbone runs in the backbone's dtype; new modules outside it stay float32.
         self.personalized_moe.to(self.backbone_dtype)
@@ -276,6 +282,13 @@ class NextLocMoE(nn.Module):
         if self.pointer is not None:
             self.pointer.set_copy_rate(rate)
 
+    @torch.no_grad()
+    def set_time_prior(self, weights: Any) -> None:
+        """Start the copy mixture's time term at a tuned scorer's parameters (window_scorers.WindowWeights: sigma,
+        same_weekday, same_daytype); no-op without the copy mixture or with model.next_visit_time off."""
+        if self.pointer is not None and self.pointer.time_terms:
+            self.pointer.set_time_prior(weights.sigma, weights.same_weekday, weights.same_daytype)
+
     def candidate_location_embeddings(self) -> torch.Tensor:
         """(L, 128) function-aware embeddings of all candidates, by the same encoder as the current tokens."""
         z = self.head.candidates_z                                                     # (L, 2)
@@ -291,6 +304,12 @@ class NextLocMoE(nn.Module):
         tokens, h, location = self.embed_inputs(batch, seen)                            # (B, T, D), (B, 176)
         hidden, personalized = self.run_backbone(tokens, h)                             # (B, T, D)
         state = final_norm_float32(self.llama.norm, hidden[:, -1])                      # (B, D) float32
+        if self.next_visit is not None:
+            missing = [k for k in NEXT_VISIT_KEYS if k not in batch]
+            if missing:
+                raise DataError(f"batch lacks keys {missing}; model.next_visit_time=true reads the next visit's "
+                                "hour and weekday (Windows.batch gives them; false switches them off)")
+            state = self.next_visit(state, batch["next_hour"], batch["next_weekday"])    # (B, D)
         if seen is not None:
             seen.update(tokens=tokens, hidden=hidden, state=state)
         if self.cfg.head == "regression":   # the offset head starts from the current record's place
@@ -307,7 +326,13 @@ class NextLocMoE(nn.Module):
             P = hidden.shape[1] - batch["hist_location"].shape[1] - batch["cur_location"].shape[1]
             keys = final_norm_float32(self.llama.norm, hidden[:, P:])                     # (B, H + C, D)
             window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(scores.device)  # (B, H + C)
-            scores = self.pointer(state, keys, window, scores, seen)                      # (B, L) log p
+            visit_time = None
+            if self.pointer.time_terms:
+                visit_time = {"hour": torch.cat([batch["hist_hour"], batch["cur_hour"]], dim=1).to(scores.device),
+                              "weekday": torch.cat([batch["hist_weekday"], batch["cur_weekday"]], dim=1).to(scores.device),
+                              "next_hour": batch["next_hour"].to(scores.device),
+                              "next_weekday": batch["next_weekday"].to(scores.device)}
+            scores = self.pointer(state, keys, window, scores, seen, visit_time)          # (B, L) log p
         return ModelOutput(None, scores, location, personalized, h, seen)
 
     def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -402,6 +427,8 @@ class NextLocMoE(nn.Module):
             "trainable_history_router": count(self.history_router),
             "trainable_token_features": count(self.token_features) + count(self.token_projections),
             "trainable_head": count(self.head),
+            "trainable_copy_mixture": count(self.pointer),
+            "trainable_next_visit_time": count(self.next_visit),
         }
 
 
