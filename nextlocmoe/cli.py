@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved configuration and its hash, train nothing")
 
+    p = sub.add_parser("curve", help="a learning curve: validation Hit@1 / MRR against training windows, resumable, "
+                                     "written to results/learning_curve.*")
+    _add_common(p)
+    _add_model_choice(p)
+    p.add_argument("--windows-per-point", type=int, required=True, help="training windows between validation points")
+    p.add_argument("--points", type=int, required=True, help="validation points after the untrained start")
+    p.add_argument("--val-windows", type=int, default=1000, help="validation windows per point (default: 1000)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/curves/<profile>-<method>-<dataset>)")
+    p.add_argument("--results", default="results", help="directory of results files (default: results)")
+
     p = sub.add_parser("evaluate", help="evaluate the best checkpoint of a run directory")
     _add_common(p)
     _add_model_choice(p)
@@ -116,11 +126,11 @@ def is_main_process() -> bool:
 def check_outputs(args: argparse.Namespace, out: Path | None = None) -> None:
     """Every location this command writes must be creatable and writable before any work starts."""
     checks = [(CACHE_DIR, "window cache")]
-    if args.command in ("prepare", "run"):
+    if args.command in ("prepare", "run", "curve"):
         checks.append((args.results, "results directory (--results)"))
     if args.command == "run":
         checks.append((args.runs, "runs directory (--runs)"))
-    if args.command == "train" and out is not None:
+    if args.command in ("train", "curve") and out is not None:
         checks.append((out, "run directory (--out)"))
     if args.command == "notebooks":
         from .notebooks import layout_for
@@ -177,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                                         force=args.force, config_path=args.config, overrides=args.overrides,
                                         humob_paths=humob if name == "zero_shot" else None)
                 print(result.paths["md"].read_text())
+        elif args.command == "curve":
+            from .experiments.learning_curve import run_learning_curve
+
+            dataset = args.dataset or cfg.plan.datasets[0]
+            out = Path(args.out or f"runs/curves/{cfg.profile}-{args.method}-{dataset}")
+            check_outputs(args, out)
+            run_learning_curve(args.profile, args.method, dataset, args.windows_per_point, args.points, out,
+                               results_dir=args.results, val_windows=args.val_windows, overrides=args.overrides)
         elif args.command == "evaluate":
             from .train import evaluate_checkpoint
 

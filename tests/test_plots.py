@@ -390,8 +390,14 @@ def test_training_curves_lines_and_epoch_marks():
     curves = {line.get_label(): line for line in ax_val.lines}
     for k in (1, 5, 10):
         assert list(curves[f"Hit@{k}"].get_ydata()) == pytest.approx(list(history[f"val_hit@{k}"]))
-    best = next(line for label, line in curves.items() if label.startswith("best epoch"))
-    assert best.get_xdata()[0] == 2                   # argmax of val_hit@10
+    best = next(line for label, line in curves.items() if label.startswith("best: epoch 2"))
+    assert best.get_xdata()[0] == 2                   # argmax of val_hit@10 (no train_windows column: x = epoch)
+    # with the untrained start and training windows: x in windows, the start can be the best point
+    start = pd.concat([history.iloc[:1].assign(epoch=0, **{"val_hit@10": 0.5}), history], ignore_index=True)
+    start["train_windows"] = [0, 256, 512, 768]
+    ax_val = data_axes(plots.plot_training_curves(start, steps))[1]
+    best = next(line for line in ax_val.lines if line.get_label().startswith("best: the untrained start"))
+    assert best.get_xdata()[0] == 0 and "training windows" in ax_val.get_xlabel()
 
 
 def test_training_curves_without_steps_and_errors():

@@ -167,3 +167,23 @@ def test_the_untrained_start_is_validated_and_kept_when_training_never_beats_it(
 def test_bad_budget_values_name_the_field():
     with pytest.raises(ConfigError, match="train.windows_per_epoch"):
         load_config("smoke", overrides=["train.windows_per_epoch=0"])
+
+
+@pytest.mark.slow
+def test_learning_curve_is_resumable_and_written_point_by_point(smoke_windows, tmp_path):
+    """Two points on the smoke city: the table holds the untrained start, both points (training windows 0, 16,
+    32) and the two floors on the same validation windows; a second call continues, it does not retrain."""
+    from nextlocmoe.experiments.learning_curve import run_learning_curve
+    args = ("smoke", "nextlocmoe_ranking", "synthetic", 16, 2, tmp_path / "run")
+    table = run_learning_curve(*args, results_dir=tmp_path / "results", val_windows=40,
+                               overrides=["train.batch_size=16"])
+    model = table[table["kind"] == "model"]
+    assert model["train_windows"].tolist() == [0, 16, 32] and model["n"].eq(model["n"].iloc[0]).all()
+    floors = table[table["kind"] == "floor"]
+    assert sorted(floors["method"]) == ["user_most_frequent", "window_time"] and floors["n"].eq(model["n"].iloc[0]).all()
+    written = pd.read_csv(tmp_path / "results" / "learning_curve.csv")
+    assert len(written) == 5 and written["curve"].eq("nextlocmoe_ranking/synthetic").all()
+    stamp = json.loads((tmp_path / "results" / "learning_curve.json").read_text())
+    assert stamp["command"] == "nextlocmoe curve" and "nextlocmoe_ranking/synthetic" in stamp["curves"]
+    again = run_learning_curve(*args, results_dir=tmp_path / "results", val_windows=40, overrides=["train.batch_size=16"])
+    assert again.equals(table)

@@ -158,7 +158,7 @@ def plot_training_curves(history: pd.DataFrame, steps: pd.DataFrame | None = Non
              head, nats); None draws history's per-epoch train_loss instead
     smooth   rolling-mean window (batches) drawn over the raw per-batch loss (at most a fifth of the run)
 
-    The best epoch by validation Hit@10 (the one whose checkpoint is tested) is marked.
+    The best validation point by Hit@10 (the one whose checkpoint is tested; 0 = the untrained start) is marked.
     """
     hits = ["val_hit@1", "val_hit@5", "val_hit@10"]
     require_columns(history, ["epoch", *hits], "plot_training_curves (history)")
@@ -203,16 +203,20 @@ def plot_training_curves(history: pd.DataFrame, steps: pd.DataFrame | None = Non
     ax_loss.legend(loc="upper right")
 
     h = history.sort_values("epoch", kind="stable")
+    # x: training windows seen when the history has them (0 = the untrained start), else the epoch
+    x_col = "train_windows" if "train_windows" in h.columns and h["train_windows"].notna().all() else "epoch"
     for column, color, marker in zip(hits, ("#9ecae1", "#4292c6", "#08306b"), ("o", "s", "^")):
-        ax_val.plot(h["epoch"], h[column], marker=marker, color=color, linewidth=1.8,
+        ax_val.plot(h[x_col], h[column], marker=marker, color=color, linewidth=1.8,
                     label=metric_label(column.removeprefix("val_")))
     best = h.loc[h["val_hit@10"].idxmax()]
-    ax_val.axvline(best["epoch"], color=NEXTLOCMOE_RED, linestyle="--", linewidth=1.2,
-                   label=f"best epoch {int(best['epoch'])} (Hit@10 {best['val_hit@10']:.3f})")
+    best_name = "the untrained start" if int(best["epoch"]) == 0 else f"epoch {int(best['epoch'])}"
+    ax_val.axvline(best[x_col], color=NEXTLOCMOE_RED, linestyle="--", linewidth=1.2,
+                   label=f"best: {best_name} (Hit@10 {best['val_hit@10']:.3f})")
     ax_val.set_ylim(0, max(0.05, float(h[hits].max().max()) * 1.15))
-    ax_val.set(xlabel="epoch", ylabel="validation Hit@k (fraction of windows)", title="Validation Hit@k per epoch")
+    xlabel = "training windows seen (0 = untrained)" if x_col == "train_windows" else "epoch (0 = untrained)"
+    ax_val.set(xlabel=xlabel, ylabel="validation Hit@k (fraction of windows)", title="Validation Hit@k per validation point")
     if len(h) <= 12:
-        ax_val.set_xticks(h["epoch"].to_numpy())
+        ax_val.set_xticks(h[x_col].to_numpy())
     ax_val.legend(loc="best")
     fig.suptitle(title or "Training NextLocMoE: training loss per " + ("batch" if steps is not None else "epoch")
                  + " and validation accuracy per epoch")

@@ -1,0 +1,119 @@
+"""Learning curves: validation Hit@1 and MRR against training windows, from the untrained start to the plateau,
+with the training-free floors on the same validation windows drawn as lines.
+
+One curve is one `train()` run of a method's supervised configuration with a different budget: every training
+window of the dataset (no subsample), periods of `windows_per_point` windows (a stream of seeded passes,
+`train.period_indices`), a validation point after each period on `val_windows` validation windows, and no early
+stop (the curve runs to its end). The run is resumable period by period: `run_learning_curve` trains one more
+period per `train(..., resume=True, stop_after_epochs=p)` call and rewrites results/learning_curve.* after each, so
+a killed session loses at most the period in flight and the same command continues it. Its best checkpoint (by
+validation Hit@10, the untrained start included) is the trained model of that budget.
+
+The floors: `user_most_frequent` and the tuned `window_time` scorer (parameters chosen on the same validation
+windows, never test), evaluated on the same validation windows as every point of the curve.
+
+    nextlocmoe curve --profile cpu --method nextlocmoe_ranking --dataset synthetic --windows-per-point 1024 --points 8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..baselines import UserMostFrequent, evaluate_baseline
+from ..config import ExperimentConfig
+from ..data.prepare import prepare
+from ..errors import ConfigError
+from ..io import provenance
+from ..results import markdown_table, write_results
+from ..runs import limited, load_checkpoint
+from ..window_scorers import make_scorer
+from .core import resolve_config, run_config
+
+CURVE_METRICS = ("hit@1", "hit@1_lo", "hit@1_hi", "hit@10", "mrr", "mrr_lo", "mrr_hi", "n")
+FLOORS = ("user_most_frequent", "window_time")
+
+
+def curve_config(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
+                 val_windows: int = 1000, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The method's supervised config with the curve's budget (module docstring)."""
+    if not (isinstance(windows_per_point, int) and windows_per_point >= 1 and isinstance(points, int) and points >= 1):
+        raise ConfigError(f"windows_per_point={windows_per_point!r}, points={points!r}; expected integers >= 1")
+    cfg = run_config(resolve_config(profile, overrides=overrides), method, dataset)
+    cfg.train = dataclasses.replace(cfg.train, max_train_windows=None, windows_per_epoch=windows_per_point,
+                                    epochs=points, max_eval_windows=val_windows, early_stop_patience=points + 1)
+    return cfg
+
+
+def floor_metrics(cfg: ExperimentConfig, windows: Any) -> dict[str, dict[str, float]]:
+    """Validation metrics of the training-free floors on the curve's validation windows."""
+    w = limited(windows, cfg)
+    return {"user_most_frequent": evaluate_baseline(UserMostFrequent().fit(w), w, "val"),
+            "window_time": evaluate_baseline(make_scorer("window_time").fit(w), w, "val")}
+
+
+def curve_table(method: str, dataset: str, history: pd.DataFrame, floors: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """One row per validation point (kind "model") and one per floor (kind "floor", train_windows empty)."""
+    rows = [{"method": method, "dataset": dataset, "kind": "model", "point": int(r["epoch"]),
+             "train_windows": int(r["train_windows"]),
+             **{m: r.get(f"val_{m}") for m in CURVE_METRICS}} for _, r in history.iterrows()]
+    rows += [{"method": name, "dataset": dataset, "kind": "floor", "point": None, "train_windows": None,
+              **{m: v.get(m) for m in CURVE_METRICS}} for name, v in floors.items()]
+    return pd.DataFrame(rows)
+
+
+def run_learning_curve(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
+                       out_dir: str | os.PathLike, results_dir: str | os.PathLike = "results",
+                       val_windows: int = 1000, overrides: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Train (or continue) the curve's run in out_dir one period at a time; after each, merge its points into
+    results/learning_curve.* (rows of other (method, dataset) curves are kept). Returns this curve's rows."""
+    from ..train import train      # torch-heavy: imported when a curve is run, not when the table is read
+
+    cfg = curve_config(profile, method, dataset, windows_per_point, points, val_windows, overrides)
+    windows = prepare(cfg.data)
+    floors = floor_metrics(cfg, windows)
+    out_dir = Path(out_dir)
+    last = out_dir / "last.pt"
+    done = load_checkpoint(last)["state"]["epoch"] if last.exists() else 0    # periods a killed run finished
+    table = None
+    for p in range(max(done, 1), points + 1):
+        result = train(cfg, out_dir, resume=True, windows=windows, stop_after_epochs=p)
+        table = curve_table(method, dataset, result.history, floors)
+        write_curves(results_dir, table, cfg, windows)
+        done = table[table["kind"] == "model"].iloc[-1]
+        print(f"{method} {dataset}: point {int(done['point'])}/{points}, {int(done['train_windows'])} training "
+              f"windows, val Hit@1 {done['hit@1']:.4f}, MRR {done['mrr']:.4f} (window_time "
+              f"{floors['window_time']['hit@1']:.4f} / {floors['window_time']['mrr']:.4f})", flush=True)
+    return table
+
+
+def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: ExperimentConfig, windows: Any) -> None:
+    """Merge `table` (one curve) into results/learning_curve.{csv,md,json}."""
+    path = Path(results_dir) / "learning_curve.csv"
+    key = (table["method"].iloc[0], table["dataset"].iloc[0])
+    if path.exists():
+        old = pd.read_csv(path)
+        mine = old["curve"].eq(f"{key[0]}/{key[1]}")
+        table = pd.concat([old[~mine], table.assign(curve=f"{key[0]}/{key[1]}")], ignore_index=True)
+    else:
+        table = table.assign(curve=f"{key[0]}/{key[1]}")
+    table = table[["curve", *[c for c in table.columns if c != "curve"]]]
+    shown = table.copy()
+    for c in ("hit@1", "hit@10", "mrr"):
+        shown[c] = shown[c].map(lambda v: f"{v:.4f}")
+    md = ("# Learning curves (validation)\n\n"
+          "Validation Hit@1, Hit@10 and MRR after each period of training windows (point 0 = the untrained start), "
+          "and the training-free floors on the same validation windows (95% intervals in the CSV: Wilson for "
+          "Hit@k, bootstrap for MRR).\n\n"
+          + markdown_table(shown[["curve", "kind", "method", "point", "train_windows", "hit@1", "hit@10", "mrr", "n"]]))
+    stamp = provenance(cfg.profile, seed=cfg.train.seed, data_checksum=windows.meta.get("checksum"),
+                       command="nextlocmoe curve", curves={f"{key[0]}/{key[1]}": cfg.to_dict()})
+    if (Path(results_dir) / "learning_curve.json").exists():
+        previous = json.loads((Path(results_dir) / "learning_curve.json").read_text()).get("curves", {})
+        stamp["curves"] = {**previous, **stamp["curves"]}
+    write_results(results_dir, "learning_curve", table, md, stamp)
