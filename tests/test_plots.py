@@ -621,3 +621,27 @@ def test_moe_benchmark_bars_equal_the_ratios():
                     "llama3.2-3b|moe_topk2|pairs": 1.16}
     with pytest.raises(ConfigError, match="x_ffn"):
         plot_moe_benchmark(table.drop(columns="x_ffn"))
+
+
+# --- learning curves --------------------------------------------------------------------------------
+
+def test_learning_curves_draw_each_point_and_each_floor_with_its_band():
+    rows = []
+    for w, h, m in ((0, 0.18, 0.28), (1024, 0.19, 0.29), (2048, 0.20, 0.30)):
+        rows.append({"curve": "nextlocmoe_ranking/nyc", "kind": "model", "method": "nextlocmoe_ranking",
+                     "point": w // 1024, "train_windows": w, "hit@1": h, "hit@1_lo": h - 0.02, "hit@1_hi": h + 0.02,
+                     "hit@10": 0.5, "mrr": m, "mrr_lo": m - 0.02, "mrr_hi": m + 0.02, "n": 1000})
+    for name, h, m in (("user_most_frequent", 0.14, 0.24), ("window_time", 0.185, 0.285)):
+        rows.append({"curve": "nextlocmoe_ranking/nyc", "kind": "floor", "method": name, "point": None,
+                     "train_windows": None, "hit@1": h, "hit@1_lo": h - 0.02, "hit@1_hi": h + 0.02, "hit@10": 0.5,
+                     "mrr": m, "mrr_lo": m - 0.02, "mrr_hi": m + 0.02, "n": 1000})
+    table = pd.DataFrame(rows)
+    fig = plots.plot_learning_curves(table)
+    check_readable(fig)
+    ax_hit, ax_mrr = data_axes(fig)
+    line = next(l for l in ax_hit.lines if l.get_label() == "nextlocmoe_ranking (validation)")
+    assert list(line.get_xdata()) == [0, 1024, 2048] and list(line.get_ydata()) == pytest.approx([0.18, 0.19, 0.20])
+    floor = next(l for l in ax_mrr.lines if l.get_label().startswith("window_time"))
+    assert floor.get_ydata()[0] == pytest.approx(0.285)
+    with pytest.raises(ConfigError, match="mrr_lo"):
+        plots.plot_learning_curves(table.drop(columns="mrr_lo"))

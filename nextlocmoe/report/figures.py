@@ -7,6 +7,7 @@ report/style.py).
 
     plot_dataset_overview(data)              map of candidate locations by function + records per user (nb 00)
     plot_training_curves(history, steps)     per-batch training loss, per-epoch validation Hit@k (nb 01)
+    plot_learning_curves(table)              validation Hit@1 / MRR against training windows, floors as lines
     plot_supervised(table)                   grouped bars of Hit@1/5/10 and MRR per method, per dataset (nb 02)
     plot_zero_shot(table)                    the same for source->target pairs (nb 03)
     plot_ablations(table, metric)            one bar per variant, difference to the full model printed (nb 04)
@@ -48,16 +49,17 @@ from ..errors import ConfigError
 from ..results import TIDY_COLUMNS, is_interval_metric
 from .canvas import (SeriesKey, bold_legend, dodged_bars, draw_errorbars, fmt_number, interval_errors,
                      interval_handle, legend_handles, legend_ncols, new_figure, plane_axes, require_columns,
-                     require_metrics, save_figure, series_keys, series_styles, spans_decades, styled, tidy)
+                     require_metrics, save_figure, series_keys, series_styles, spans_decades, styled, thousands,
+                     tidy)
 from .routing_figures import (plot_active_experts, plot_function_gate_heatmap, plot_prediction_map,
                               plot_role_expert_heatmap, plot_routing_entropy)
 from .style import (FUNCTION_COLORS, KIND_HATCHES, NEXTLOCMOE_RED, TOKEN_KIND_COLORS, is_score, lower_is_better,
-                    method_color, metric_axis_label, metric_label)
+                    method_color, method_style, metric_axis_label, metric_label)
 
 __all__ = [
     "KIND_HATCHES", "FUNCTION_COLORS", "TOKEN_KIND_COLORS", "TIDY_COLUMNS", "NEXTLOCMOE_RED",
     "method_color", "metric_label", "save_figure",
-    "plot_dataset_overview", "plot_training_curves", "plot_supervised", "plot_zero_shot", "plot_ablations",
+    "plot_dataset_overview", "plot_training_curves", "plot_learning_curves", "plot_supervised", "plot_zero_shot", "plot_ablations",
     "plot_efficiency", "plot_moe_benchmark",
     # routing charts (routing_figures.py)
     "plot_role_expert_heatmap", "plot_function_gate_heatmap", "plot_active_experts", "plot_routing_entropy",
@@ -65,6 +67,61 @@ __all__ = [
 ]
 
 DEFAULT_METRICS = ("hit@1", "hit@5", "hit@10", "mrr")
+
+
+# ---------------------------------------------------------------------------------------------------
+# learning curves (results/learning_curve.csv, `nextlocmoe curve`)
+
+FLOOR_LINESTYLES = {"window_time": "-", "user_most_frequent": "--"}
+
+
+@styled
+def plot_learning_curves(table: pd.DataFrame, metrics: Sequence[str] = ("hit@1", "mrr")) -> Figure:
+    """One column per curve (method on dataset), one row per metric: the validation metric against training
+    windows (point 0 = the untrained start) with its 95% interval as a band, and each training-free floor on the
+    same validation windows as a horizontal line with its band.
+
+    table  results/learning_curve.csv: curve, kind ("model" or "floor"), method, train_windows and, per metric,
+           the value and "<metric>_lo" / "<metric>_hi"
+    """
+    require_columns(table, ["curve", "kind", "method", "train_windows",
+                            *[f"{m}{e}" for m in metrics for e in ("", "_lo", "_hi")]], "plot_learning_curves")
+    curves = list(dict.fromkeys(table["curve"]))
+    if not curves:
+        raise ConfigError("plot_learning_curves: the table holds no curve")
+    if len(curves) > 3:
+        raise ConfigError(f"plot_learning_curves: {len(curves)} curves do not fit one readable figure; pass at "
+                          "most 3 (e.g. table[table['curve'].isin([...])])")
+    fig = new_figure((min(11.0, max(9.0, 3.6 * len(curves) + 0.6)), 3.1 * len(metrics) + 0.4))
+    axes = np.atleast_2d(fig.subplots(len(metrics), len(curves), squeeze=False))
+    for j, curve in enumerate(curves):
+        rows = table[table["curve"] == curve]
+        model = rows[rows["kind"] == "model"].sort_values("train_windows")
+        floors = rows[rows["kind"] == "floor"]
+        method = model["method"].iloc[0] if len(model) else curve.split("/")[0]
+        color = method_style(method).color
+        x = model["train_windows"].to_numpy(dtype=float)
+        for i, metric in enumerate(metrics):
+            ax = axes[i, j]
+            for _, f in floors.iterrows():
+                fc = method_style(f["method"]).color
+                ax.axhspan(f[f"{metric}_lo"], f[f"{metric}_hi"], color=fc, alpha=0.12, linewidth=0)
+                ax.axhline(f[metric], color=fc, linestyle=FLOOR_LINESTYLES.get(f["method"], ":"), linewidth=1.6,
+                           label=f"{f['method']} (no training) {f[metric]:.3f}")
+            ax.fill_between(x, model[f"{metric}_lo"], model[f"{metric}_hi"], color=color, alpha=0.2, linewidth=0)
+            ax.plot(x, model[metric], marker="o", markersize=4, color=color, linewidth=2, label=f"{method} (validation)")
+            if len(model):
+                best = model.loc[model[metric].idxmax()]
+                ax.annotate(f"best {best[metric]:.3f}", (best["train_windows"], best[metric]),
+                            textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
+            ax.xaxis.set_major_formatter(FuncFormatter(thousands))
+            ax.set(xlabel="training windows seen (0 = untrained)" if i == len(metrics) - 1 else "",
+                   ylabel=f"validation {metric_label(metric)}", title=f"{curve.replace('/', ' on ')}" if i == 0 else "")
+            ax.legend(loc="best", fontsize=9)
+    n = int(table["n"].dropna().iloc[0]) if "n" in table.columns and table["n"].notna().any() else None
+    fig.suptitle("Learning curves: validation accuracy against training windows"
+                 + (f" ({n:,} validation windows; bands: 95% intervals)" if n else ""), fontsize=11)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------
