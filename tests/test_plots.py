@@ -645,3 +645,18 @@ def test_learning_curves_draw_each_point_and_each_floor_with_its_band():
     assert floor.get_ydata()[0] == pytest.approx(0.285)
     with pytest.raises(ConfigError, match="mrr_lo"):
         plots.plot_learning_curves(table.drop(columns="mrr_lo"))
+
+
+def test_curve_summary_finds_the_best_point_where_it_flattens_and_compares_with_the_floor():
+    from nextlocmoe.experiments.learning_curve import curve_summary
+    rows = [{"curve": "m/d", "kind": "model", "method": "m", "train_windows": w, "hit@1": h, "mrr": m,
+             "mrr_lo": m - 0.01, "mrr_hi": m + 0.01}
+            for w, h, m in ((0, 0.10, 0.200), (100, 0.12, 0.230), (200, 0.13, 0.248), (300, 0.13, 0.250),
+                            (400, 0.12, 0.246))]
+    rows.append({"curve": "m/d", "kind": "floor", "method": "window_time", "train_windows": None, "hit@1": 0.11,
+                 "mrr": 0.235, "mrr_lo": 0.225, "mrr_hi": 0.245})
+    s = curve_summary(pd.DataFrame(rows)).iloc[0]
+    assert s["best_train_windows"] == 300 and s["flattens_at"] == 200 and s["points"] == 4
+    assert s["start_mrr"] == 0.2 and s["window_time_mrr"] == 0.235 and bool(s["beats_floor"])   # 0.240 > 0.235
+    rows[3]["mrr_lo"] = 0.23
+    assert not bool(curve_summary(pd.DataFrame(rows)).iloc[0]["beats_floor"])

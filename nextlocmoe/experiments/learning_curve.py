@@ -117,3 +117,34 @@ def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: Exper
         previous = json.loads((Path(results_dir) / "learning_curve.json").read_text()).get("curves", {})
         stamp["curves"] = {**previous, **stamp["curves"]}
     write_results(results_dir, "learning_curve", table, md, stamp)
+
+
+def curve_summary(table: pd.DataFrame, metric: str = "mrr", tolerance: float = 0.005) -> pd.DataFrame:
+    """One row per curve: the untrained start, the best point by `metric`, where the curve flattens (the first
+    point within `tolerance` of that best) and the window_time floor on the same windows, each with Hit@1 and MRR;
+    `beats_floor` says whether the best point's interval of `metric` lies wholly above the floor's value (an
+    unpaired reading: the paired test on the same windows is stronger)."""
+    rows = []
+    for curve, part in table.groupby("curve", sort=False):
+        model = part[part["kind"] == "model"].sort_values("train_windows")
+        floor = part[(part["kind"] == "floor") & (part["method"] == "window_time")]
+        if model.empty:
+            continue
+        start, best = model.iloc[0], model.loc[model[metric].idxmax()]
+        flat = model[model[metric] >= best[metric] - tolerance].iloc[0]
+        f = floor.iloc[0] if len(floor) else None
+        rows.append({"curve": curve, "points": len(model) - 1, "train_windows": int(model["train_windows"].max()),
+                     "start_hit@1": start["hit@1"], "start_mrr": start["mrr"],
+                     "best_train_windows": int(best["train_windows"]), "best_hit@1": best["hit@1"],
+                     "best_mrr": best["mrr"], f"best_{metric}_lo": best[f"{metric}_lo"],
+                     "flattens_at": int(flat["train_windows"]),
+                     "window_time_hit@1": None if f is None else f["hit@1"],
+                     "window_time_mrr": None if f is None else f["mrr"],
+                     "beats_floor": None if f is None else bool(best[f"{metric}_lo"] > f[metric])})
+    return pd.DataFrame(rows)
+
+
+def read_learning_curves(results_dir: str | os.PathLike = "results") -> pd.DataFrame | None:
+    """results/learning_curve.csv, or None where no curve was measured (the smoke profile's outputs)."""
+    path = Path(results_dir) / "learning_curve.csv"
+    return pd.read_csv(path) if path.exists() else None
