@@ -1,21 +1,31 @@
 """Run directories: the budget subsample a run trains on, its checkpoints, and `load_run` that rebuilds it.
 
 A run directory (written by `nextlocmoe.train.train`) holds config.yaml (the resolved configuration),
-best.pt and last.pt (trainable weights only: the frozen backbone is rebuilt from its source), history.csv,
-steps.csv and metrics.json. `load_run(run_dir)` is the one way back from such a directory to
-(config, model, windows): evaluation, zero-shot transfer and the routing analysis all call it.
+best.pt and last.pt (trainable weights only: the frozen backbone is rebuilt from its source), model.safetensors
+(the best weights again, in the ecosystem's format, with their provenance as metadata), history.csv, steps.csv and
+metrics.json. `load_run(run_dir)` is the one way back from such a directory to (config, model, windows):
+evaluation, zero-shot transfer and the routing analysis all call it; it reads model.safetensors where there is
+one.
+
+model.safetensors is the file to hand to someone else: reading it runs no code (safetensors holds tensors and
+a string-to-string header only), and `read_weights` / `check_weights` turn a truncated or corrupted file, or one
+whose configuration hash, parameter names or shapes differ from the model it is loaded into, into one error that
+names the file, what differs and the command that retrains it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, config_hash
 from .data.prepare import prepare
 from .data.windows import Windows
 from .errors import ConfigError, NextLocMoEError
@@ -69,6 +79,60 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               "retrain it, or resume in a new output directory") from None
 
 
+WEIGHTS_FILE = "model.safetensors"
+METADATA_KEY = "nextlocmoe"     # the header entry holding the provenance (a JSON string)
+
+
+def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Atomically write trainable weights as safetensors, `metadata` (JSON-serialisable: config_hash, provenance)
+    in the header. Tensors are stored contiguous, in their own dtype."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)})
+    return Path(path)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a `save_weights` file; a missing, truncated or corrupted file, or one without this
+    library's header, is one NextLocMoEError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise NextLocMoEError(f"{path} does not exist; expected trainable weights written by nextlocmoe train")
+    try:
+        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        metadata = json.loads(header[METADATA_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise NextLocMoEError(f"{path} is not a weights file this library wrote (truncated, corrupted or another "
+                              f"format: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                              "retrain it (`nextlocmoe train`)") from None
+    return tensors, metadata
+
+
+def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                  path: str | os.PathLike, cfg: ExperimentConfig | None = None, retrain: str = "nextlocmoe train") -> None:
+    """Refuse weights that do not belong to `model` (and to `cfg`, when given): a different configuration hash,
+    missing or unexpected parameter names, or other shapes. One error names the file, what differs and `retrain`."""
+    problems = []
+    if cfg is not None and metadata.get("config_hash") not in (None, config_hash(cfg)):
+        problems.append(f"it was trained with configuration {metadata.get('config_hash')}, this one is "
+                        f"{config_hash(cfg)}")
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unexpected parameters {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    shapes = [f"{n} {tuple(state[n].shape)} (model: {expected[n]})" for n in sorted(set(expected) & set(state))
+              if tuple(state[n].shape) != expected[n]]
+    if shapes:
+        problems.append(f"other shapes: {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
+    if problems:
+        raise NextLocMoEError(f"{path} does not fit this model: {'; '.join(problems)}. The code or the "
+                              f"configuration changed since it was trained; retrain it: `{retrain}`")
+
+
 def read_run_config(run_dir: str | os.PathLike) -> ExperimentConfig:
     """The configuration a run directory was trained with (its config.yaml)."""
     path = Path(run_dir) / "config.yaml"
@@ -98,8 +162,8 @@ def load_run(run_dir: str | os.PathLike, windows: Windows | None = None, *, cfg:
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else read_run_config(run_dir)
-    best_path = run_dir / "best.pt"
-    if not best_path.is_file():
+    best_path, weights_path = run_dir / "best.pt", run_dir / WEIGHTS_FILE
+    if not best_path.is_file() and not weights_path.is_file():
         raise NextLocMoEError(f"{best_path} does not exist; the run in {run_dir} finished no epoch "
                               "(train first, or resume it with --resume)")
     if windows is None:
@@ -108,5 +172,11 @@ def load_run(run_dir: str | os.PathLike, windows: Windows | None = None, *, cfg:
     torch.manual_seed(cfg.train.seed)       # the fixed random parts of the model (as in train)
     model = build_model(cfg.model, windows.stats, windows.candidates, windows.candidate_function,
                         windows.history + windows.current)
-    load_trainable_state(model, load_checkpoint(best_path)["model"])
+    if weights_path.is_file():
+        state, metadata = read_weights(weights_path)
+        check_weights(model, state, metadata, weights_path, cfg,
+                      retrain=f"nextlocmoe train --profile {cfg.profile} --out {run_dir}")
+    else:
+        state = load_checkpoint(best_path)["model"]
+    load_trainable_state(model, state)
     return LoadedRun(cfg, model.to(pick_device(device)).eval(), windows)

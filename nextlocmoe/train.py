@@ -46,14 +46,15 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from .baselines import Popularity
-from .config import ExperimentConfig, training_dict
+from .config import ExperimentConfig, config_hash, training_dict
 from .data.prepare import prepare
 from .data.windows import WindowDataset, Windows, identity_collate
 from .errors import NextLocMoEError
 from .evaluation import evaluate
 from .io import atomic_path, check_writable, provenance, remove_stale_temps, write_json_atomic, write_text_atomic
 from .model import build_model
-from .runs import limited, load_checkpoint, load_run, load_trainable_state, save_checkpoint, trainable_state
+from .runs import (WEIGHTS_FILE, limited, load_checkpoint, load_run, load_trainable_state, save_checkpoint,
+                   save_weights, trainable_state)
 from .runtime import pick_device, resolve_mixed_precision
 from .window_scorers import make_scorer
 
@@ -338,6 +339,10 @@ def _finish(run: _Run, stop_after_epochs: int | None) -> TrainResult:
             history.to_csv(tmp, index=False)
         with atomic_path(run.out_dir / "steps.csv") as tmp:
             pd.DataFrame(state.get("steps", [])).to_csv(tmp, index=False)
+        stamp = provenance(run.cfg.profile, seed=tc.seed, data_checksum=run.windows.meta.get("checksum"), wall_s=wall,
+                           config_hash=config_hash(run.cfg), best_epoch=best["epoch"],
+                           train_windows=state.get("train_windows"))
+        save_weights(run.out_dir / WEIGHTS_FILE, best["model"], stamp)   # the file to hand on (runs.py)
         write_json_atomic(run.out_dir / "metrics.json", {
             "best_epoch": best["epoch"], "val": best["val"], "test": test,
             "windows": {s: run.windows.n_windows(s) for s in ("train", "val", "test")},
@@ -353,7 +358,7 @@ def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool = Fals
     """Train NextLocMoE under `cfg`, keep the best checkpoint by validation Hit@10, test it.
 
     out_dir receives config.yaml, last.pt (resumable state), best.pt (trainable weights of the best epoch, 0 = the
-    untrained start), history.csv (one row per validation point, the untrained start first), steps.csv (one row per training batch: loss parts, routing entropies)
+    untrained start) and model.safetensors (the same weights with their provenance, the file to hand on), history.csv (one row per validation point, the untrained start first), steps.csv (one row per training batch: loss parts, routing entropies)
     and metrics.json (stamped with provenance). `stop_after_epochs` ends the run early as an
     interruption would (tests use it to check that `resume=True` reproduces an uninterrupted run).
     """

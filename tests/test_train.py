@@ -187,3 +187,52 @@ def test_learning_curve_is_resumable_and_written_point_by_point(smoke_windows, t
     assert stamp["command"] == "nextlocmoe curve" and "nextlocmoe_ranking/synthetic" in stamp["curves"]
     again = run_learning_curve(*args, results_dir=tmp_path / "results", val_windows=40, overrides=["train.batch_size=16"])
     assert again.equals(table)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model.safetensors: the weights file to hand on
+
+@pytest.mark.slow
+def test_safetensors_weights_are_the_best_checkpoint_and_load_run_reads_them(full_run, smoke_cfg, smoke_windows):
+    from nextlocmoe.config import config_hash
+    from nextlocmoe.runs import load_checkpoint, load_run, read_weights
+    state, metadata = read_weights(full_run.out_dir / "model.safetensors")
+    best = load_checkpoint(full_run.out_dir / "best.pt")["model"]
+    assert state.keys() == best.keys() and all(torch.equal(state[k], best[k]) for k in best)
+    assert metadata["config_hash"] == config_hash(smoke_cfg) and metadata["best_epoch"] == full_run.best_epoch
+    assert metadata["train_windows"] == 288 and metadata["seed"] == smoke_cfg.train.seed and metadata["code_hash"]
+    (full_run.out_dir / "best.pt").rename(full_run.out_dir / "best.pt.away")     # only the safetensors file left
+    try:
+        again = evaluate_checkpoint(smoke_cfg, full_run.out_dir, "test", windows=smoke_windows)
+    finally:
+        (full_run.out_dir / "best.pt.away").rename(full_run.out_dir / "best.pt")
+    assert again == pytest.approx(full_run.test)
+
+
+@pytest.mark.slow
+def test_weights_that_do_not_fit_or_are_damaged_give_one_clear_error(full_run, smoke_cfg, smoke_windows, tmp_path):
+    import shutil
+    from nextlocmoe.errors import NextLocMoEError
+    from nextlocmoe.runs import load_run, read_weights, save_weights
+    run = tmp_path / "run"
+    shutil.copytree(full_run.out_dir, run)
+    state, metadata = read_weights(run / "model.safetensors")
+    name = sorted(state)[0]
+
+    save_weights(run / "model.safetensors", {k: v for k, v in state.items() if k != name}, metadata)
+    with pytest.raises(NextLocMoEError, match=rf"model.safetensors does not fit this model: missing parameters \['{name}'\].*retrain it: `nextlocmoe train"):
+        load_run(run, smoke_windows, cfg=smoke_cfg)
+    save_weights(run / "model.safetensors", {**state, name: torch.zeros(3, 1)}, metadata)
+    with pytest.raises(NextLocMoEError, match="other shapes"):
+        load_run(run, smoke_windows, cfg=smoke_cfg)
+    other = load_config("smoke", overrides=["train.epochs=3", "train.max_train_windows=96", "train.max_eval_windows=48",
+                                            "train.early_stop_patience=10", "train.lr=0.5"])
+    save_weights(run / "model.safetensors", state, metadata)
+    with pytest.raises(NextLocMoEError, match="trained with configuration"):
+        load_run(run, smoke_windows, cfg=other)
+
+    raw = (full_run.out_dir / "model.safetensors").read_bytes()
+    for damaged in (raw[: len(raw) // 2], b"\x00" * 64, b"not a weights file"):
+        (run / "model.safetensors").write_bytes(damaged)
+        with pytest.raises(NextLocMoEError, match="not a weights file this library wrote"):
+            load_run(run, smoke_windows, cfg=smoke_cfg)
