@@ -668,7 +668,14 @@ def make_baseline(name: str, cfg: NeuralBaselineConfig | None = None, **kwargs: 
 
 def evaluate_baseline(model: Baseline, windows: Any, split: str = "test", batch_size: int = 256,
                       ks: tuple[int, ...] = DEFAULT_KS, desc: str | None = None) -> dict[str, float]:
-    """Hit@k, NDCG@k, MRR and top-1 distance error of a fitted baseline on one split (paper Sec. 5.1).
+    """Hit@k, NDCG@k, MRR and top-1 distance error of a fitted baseline on one split (paper Sec. 5.1)."""
+    return rank_baseline(model, windows, split, batch_size, desc).metrics(ks)
+
+
+def rank_baseline(model: Baseline, windows: Any, split: str = "test", batch_size: int = 256,
+                  desc: str | None = None) -> Ranked:
+    """Rank, top-1 candidate and distance error of every window of one split under a fitted baseline (in stored
+    order, like `evaluation.rank_split`).
 
     Scores are made and ranked one batch at a time, so memory stays at (batch_size, L) whatever the split
     size. The distance error is from the top-1 candidate (highest score, lowest id on ties) to the true
@@ -693,4 +700,4 @@ def evaluate_baseline(model: Baseline, windows: Any, split: str = "test", batch_
             raise DataError(f"baseline '{model.name}' returned scores of shape {tuple(scores.shape)}; "
                             f"expected ({len(batch['target_location'])}, {len(candidates_xy)})")
         ranked.append(rank_predictions(candidates_xy, batch["target_location"], batch["target_xy"], scores=scores))
-    return Ranked.concat(ranked).metrics(ks)
+    return Ranked.concat(ranked)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-windows", type=int, default=1000, help="validation windows per point (default: 1000)")
     p.add_argument("--out", default=None, help="run directory (default: runs/curves/<profile>-<method>-<dataset>)")
     p.add_argument("--results", default="results", help="directory of results files (default: results)")
+    p.add_argument("--compare", action="store_true",
+                   help="train nothing: compare the best checkpoint so far with the tuned window_time scorer on the "
+                        "same validation windows (paired tests), recorded in results/learning_curve.json")
 
     p = sub.add_parser("evaluate", help="evaluate the best checkpoint of a run directory")
     _add_common(p)
@@ -188,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                                         humob_paths=humob if name == "zero_shot" else None)
                 print(result.paths["md"].read_text())
         elif args.command == "curve":
-            from .experiments.learning_curve import run_learning_curve
+            from .experiments.learning_curve import compare_with_floor, run_learning_curve
 
             dataset = args.dataset or cfg.plan.datasets[0]
             out = Path(args.out or f"runs/curves/{cfg.profile}-{args.method}-{dataset}")
             check_outputs(args, out)
-            run_learning_curve(args.profile, args.method, dataset, args.windows_per_point, args.points, out,
-                               results_dir=args.results, val_windows=args.val_windows, overrides=args.overrides)
+            step = compare_with_floor if args.compare else run_learning_curve
+            result = step(args.profile, args.method, dataset, args.windows_per_point, args.points, out,
+                          results_dir=args.results, val_windows=args.val_windows, overrides=args.overrides)
+            if args.compare:
+                print(json.dumps(result, indent=2))
         elif args.command == "evaluate":
             from .train import evaluate_checkpoint
 

@@ -20,10 +20,17 @@ def ordered_loader(windows: Windows, split: str, batch_size: int) -> torch.utils
                                        collate_fn=identity_collate, num_workers=0)
 
 
-@torch.no_grad()
 def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: torch.device | None = None,
              desc: str | None = None) -> dict[str, float]:
-    """Hit@k, MRR, NDCG@k and distance error of `model` on one split (docs/design.md §3.7).
+    """Hit@k, MRR, NDCG@k and distance error of `model` on one split (docs/design.md §3.7)."""
+    return rank_split(model, windows, split, batch_size, device, desc).metrics()
+
+
+@torch.no_grad()
+def rank_split(model, windows: Windows, split: str, batch_size: int = 64, device: torch.device | None = None,
+               desc: str | None = None) -> Ranked:
+    """The rank of the true location, the top-1 candidate and the distance error of every window of one split,
+    in stored order (what `evaluate` summarises; paired tests compare two methods window by window).
 
     Regression head: the predicted point is matched to candidates by a KD-tree (rank = position of the true
     location among candidates ordered by distance). Ranking head: candidates ordered by score.
@@ -47,4 +54,4 @@ def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: 
         ranked = [rank_predictions(CandidateIndex(windows.candidates), torch.cat(targets), torch.cat(targets_xy),
                                    points=torch.cat(points))]
     model.train(was_training)
-    return Ranked.concat(ranked).metrics()
+    return Ranked.concat(ranked)

@@ -434,6 +434,50 @@ def retrieval_metrics(ranks: Any, ks: Sequence[int] = DEFAULT_KS,
     return metrics
 
 
+def paired_comparison(ranks_a: Any, ranks_b: Any, ks: Sequence[int] = (1, 10), resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+    """Method A against method B on the SAME windows (ranks (N,) each, window by window): for each k the
+    difference of Hit@k (A - B), its 95% paired-bootstrap interval and the exact McNemar p-value; for MRR the
+    difference, its paired-bootstrap interval and a two-sided bootstrap p-value.
+
+    McNemar (exact): only the discordant windows carry information, b = #(A hits, B misses) and c = #(A misses,
+    B hits); under "no difference" b ~ Binomial(b + c, 1/2), so p = min(1, 2 P(X <= min(b, c))) (1 when b + c = 0).
+    Paired bootstrap: the same resampled windows for both methods (seed fixed), so the interval of the difference
+    reflects the windows' shared difficulty, which two separate intervals ignore. Keys: "hit@k_diff",
+    "hit@k_lo", "hit@k_hi", "hit@k_p", "hit@k_a_only" (b), "hit@k_b_only" (c), "mrr_diff", "mrr_lo", "mrr_hi",
+    "mrr_p", "n".
+    """
+    from scipy.stats import binom
+
+    a, b = _to_numpy(ranks_a).astype(np.int64), _to_numpy(ranks_b).astype(np.int64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise DataError(f"paired_comparison needs two non-empty 1-D rank arrays of one length (the same windows), "
+                        f"got shapes {a.shape} and {b.shape}")
+    if a.min() < 1 or b.min() < 1:
+        raise DataError("paired_comparison: ranks must be >= 1 (1 = best)")
+    ks = _check_ks(ks)
+    n = len(a)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(int(resamples), n))                        # (R, N) shared resamples
+    out: dict[str, float] = {}
+    for k in ks:
+        hit_a, hit_b = a <= k, b <= k
+        only_a, only_b = int(np.count_nonzero(hit_a & ~hit_b)), int(np.count_nonzero(~hit_a & hit_b))
+        d = hit_a.astype(np.float64) - hit_b.astype(np.float64)              # (N,)
+        boot = d[idx].mean(axis=1)
+        discordant = only_a + only_b
+        p = 1.0 if discordant == 0 else min(1.0, 2.0 * float(binom.cdf(min(only_a, only_b), discordant, 0.5)))
+        out.update({f"hit@{k}_diff": float(d.mean()), f"hit@{k}_lo": float(np.quantile(boot, 0.025)),
+                    f"hit@{k}_hi": float(np.quantile(boot, 0.975)), f"hit@{k}_p": p,
+                    f"hit@{k}_a_only": only_a, f"hit@{k}_b_only": only_b})
+    d = 1.0 / a - 1.0 / b
+    boot = d[idx].mean(axis=1)
+    p = min(1.0, 2.0 * min(float(np.mean(boot <= 0)), float(np.mean(boot >= 0))))
+    out.update({"mrr_diff": float(d.mean()), "mrr_lo": float(np.quantile(boot, 0.025)),
+                "mrr_hi": float(np.quantile(boot, 0.975)), "mrr_p": p, "n": n})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # from predictions to ranks: the one function every evaluation calls
 # ---------------------------------------------------------------------------------------------------

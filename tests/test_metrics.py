@@ -359,3 +359,36 @@ def test_topk_when_a_tie_straddles_every_query_size():
     index = CandidateIndex(candidates)
     for k in (1, 3, 5, 12, 29, 30, 31, 45):
         assert np.array_equal(index.topk(points, k)[1], order[:, :k]), k
+
+
+# ---------------------------------------------------------------------------------------------------
+# paired comparison of two methods on the same windows
+
+def test_paired_comparison_mcnemar_on_hand_made_cases():
+    from nextlocmoe.metrics import paired_comparison
+    # 10 windows: A hits the first 8 at rank 1, B hits windows 0-1 only; discordant: b = 6 (A only), c = 0
+    a = np.array([1] * 8 + [50, 50])
+    b = np.array([1, 1] + [50] * 8)
+    out = paired_comparison(a, b, ks=(1,))
+    assert out["hit@1_a_only"] == 6 and out["hit@1_b_only"] == 0 and out["n"] == 10
+    assert out["hit@1_diff"] == pytest.approx(0.6)
+    assert out["hit@1_p"] == pytest.approx(2 * 0.5 ** 6)                     # exact binomial, two-sided: 0.03125
+    assert out["hit@1_lo"] > 0 and out["mrr_diff"] == pytest.approx(np.mean(1 / a - 1 / b))
+    assert out["mrr_lo"] > 0 and out["mrr_p"] < 0.05
+    # swapping the methods flips the signs, keeps the p-values
+    back = paired_comparison(b, a, ks=(1,))
+    assert back["hit@1_diff"] == pytest.approx(-0.6) and back["hit@1_p"] == out["hit@1_p"]
+    # identical methods: no discordant window, p = 1, a zero-width interval at 0
+    same = paired_comparison(a, a, ks=(1, 10))
+    assert same["hit@1_p"] == 1.0 and same["hit@1_lo"] == same["hit@1_hi"] == 0.0 and same["mrr_p"] == 1.0
+    # balanced discordance (3 each way): p = 1 (min(1, 2 P(X <= 3 | 6, 1/2)) = min(1, 1.3125))
+    c = np.array([1, 1, 1, 9, 9, 9]); d = np.array([9, 9, 9, 1, 1, 1])
+    assert paired_comparison(c, d, ks=(1,))["hit@1_p"] == 1.0
+
+
+def test_paired_comparison_refuses_unpaired_inputs():
+    from nextlocmoe.metrics import paired_comparison
+    with pytest.raises(DataError, match="same windows"):
+        paired_comparison(np.array([1, 2, 3]), np.array([1, 2]))
+    with pytest.raises(DataError, match=">= 1"):
+        paired_comparison(np.array([0, 2]), np.array([1, 2]))

@@ -187,6 +187,14 @@ def test_learning_curve_is_resumable_and_written_point_by_point(smoke_windows, t
     assert stamp["command"] == "nextlocmoe curve" and "nextlocmoe_ranking/synthetic" in stamp["curves"]
     again = run_learning_curve(*args, results_dir=tmp_path / "results", val_windows=40, overrides=["train.batch_size=16"])
     assert again.equals(table)
+    from nextlocmoe.experiments.learning_curve import compare_with_floor
+    paired = compare_with_floor(*args, results_dir=tmp_path / "results", val_windows=40,
+                                overrides=["train.batch_size=16"])
+    assert paired["n"] == model["n"].iloc[0] and paired["points_done"] == 2
+    assert paired["best_train_windows"] == model.loc[model["point"] == paired["best_point"], "train_windows"].item()
+    assert paired["hit@1_diff"] == pytest.approx(paired["hit@1_a_only"] / paired["n"] - paired["hit@1_b_only"] / paired["n"])
+    stamp = json.loads((tmp_path / "results" / "learning_curve.json").read_text())
+    assert stamp["paired_vs_window_time"]["nextlocmoe_ranking/synthetic"] == json.loads(json.dumps(paired))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..baselines import UserMostFrequent, evaluate_baseline
+from ..baselines import UserMostFrequent, evaluate_baseline, rank_baseline
 from ..config import ExperimentConfig
 from ..data.prepare import prepare
 from ..errors import ConfigError
-from ..io import provenance
+from ..io import provenance, write_json_atomic
+from ..metrics import paired_comparison
 from ..results import markdown_table, write_results
 from ..runs import limited, load_checkpoint
 from ..window_scorers import make_scorer
@@ -114,8 +115,10 @@ def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: Exper
     stamp = provenance(cfg.profile, seed=cfg.train.seed, data_checksum=windows.meta.get("checksum"),
                        command="nextlocmoe curve", curves={f"{key[0]}/{key[1]}": cfg.to_dict()})
     if (Path(results_dir) / "learning_curve.json").exists():
-        previous = json.loads((Path(results_dir) / "learning_curve.json").read_text()).get("curves", {})
-        stamp["curves"] = {**previous, **stamp["curves"]}
+        previous = json.loads((Path(results_dir) / "learning_curve.json").read_text())
+        stamp["curves"] = {**previous.get("curves", {}), **stamp["curves"]}
+        if "paired_vs_window_time" in previous:      # comparisons of finished points stay (compare_with_floor)
+            stamp["paired_vs_window_time"] = previous["paired_vs_window_time"]
     write_results(results_dir, "learning_curve", table, md, stamp)
 
 
@@ -148,3 +151,30 @@ def read_learning_curves(results_dir: str | os.PathLike = "results") -> pd.DataF
     """results/learning_curve.csv, or None where no curve was measured (the smoke profile's outputs)."""
     path = Path(results_dir) / "learning_curve.csv"
     return pd.read_csv(path) if path.exists() else None
+
+
+def compare_with_floor(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
+                       out_dir: str | os.PathLike, results_dir: str | os.PathLike = "results",
+                       val_windows: int = 1000, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The curve's best checkpoint so far against the tuned window_time scorer, window by window on the curve's
+    validation windows (`metrics.paired_comparison`: exact McNemar for Hit@1 / Hit@10, paired bootstrap for MRR);
+    recorded in results/learning_curve.json under "paired_vs_window_time" and returned. Trains nothing."""
+    from ..evaluation import rank_split
+    from ..runs import load_run
+
+    cfg = curve_config(profile, method, dataset, windows_per_point, points, val_windows, overrides)
+    windows = prepare(cfg.data)
+    run = load_run(out_dir, windows, cfg=cfg)                  # best.pt: the best validation point so far
+    best = load_checkpoint(Path(out_dir) / "best.pt")
+    history = load_checkpoint(Path(out_dir) / "last.pt")["state"]["history"]
+    ours = rank_split(run.model, run.windows, "val", cfg.train.eval_batch_size, desc="val ranks").rank
+    floor = rank_baseline(make_scorer("window_time").fit(run.windows), run.windows, "val").rank
+    at = next(r for r in history if int(r["epoch"]) == int(best["epoch"]))
+    result = {"best_point": int(best["epoch"]), "best_train_windows": int(at.get("train_windows", 0)),
+              "points_done": len(history) - 1, **paired_comparison(ours, floor)}
+    path = Path(results_dir) / "learning_curve.json"
+    if path.exists():
+        stamp = json.loads(path.read_text())
+        stamp.setdefault("paired_vs_window_time", {})[f"{method}/{dataset}"] = result
+        write_json_atomic(path, stamp)
+    return result
