@@ -356,3 +356,24 @@ def test_early_stopping_keeps_the_best_validation_epoch(successor_windows):
     assert len(history) == 8 or len(history) - best == 2   # stopped by patience, or ran every epoch
     hit = evaluate_baseline(model, w.subsample("val", cfg.max_val_windows, seed=cfg.seed), "val")["hit@10"]
     assert hit == history[best - 1]                        # the weights kept are that epoch's
+
+
+def test_transformer_pointer_starts_like_the_tuned_window_time_scorer(tmp_path):
+    """With the next visit's time (default) the copy attention starts at the window_time scorer chosen on
+    validation, as NextLocMoE's does: on the smoke city (hours that matter) the untrained model's target ranks
+    equal the scorer's on nearly every test window (float32 rounding of near-equal sums may swap two places)."""
+    from nextlocmoe.config import load_config
+    from nextlocmoe.data.prepare import prepare
+    from nextlocmoe.window_scorers import make_scorer
+    w = prepare(load_config("smoke").data, cache_dir=tmp_path)
+    model = TransformerPointer(NeuralBaselineConfig(**{**TINY_NEURAL, "epochs": 1, "lr": 1e-12,
+                                                        "pointer_gate_init": "baseline"})).fit(w)
+    scorer = make_scorer("window_time").fit(w)
+    assert math.isfinite(scorer.weights.sigma)                       # the time term is really on
+    batch = w.batch("test", np.arange(w.n_windows("test")))
+    target = batch["target_location"]
+    ours = ranks_from_scores(model.score(batch), target)
+    theirs = ranks_from_scores(scorer.score(batch), target)
+    assert (ours != theirs).sum() <= 2
+    plain = UserMostFrequent().fit(w)
+    assert (ranks_from_scores(plain.score(batch), target) != theirs).sum() > 10   # the time changes the ranking

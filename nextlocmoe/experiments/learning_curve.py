@@ -107,6 +107,8 @@ def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: Exper
     shown = table.copy()
     for c in ("hit@1", "hit@10", "mrr"):
         shown[c] = shown[c].map(lambda v: f"{v:.4f}")
+    for c in ("point", "train_windows"):       # a floor has neither: an empty cell, not "nan"
+        shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
     md = ("# Learning curves (validation)\n\n"
           "Validation Hit@1, Hit@10 and MRR after each period of training windows (point 0 = the untrained start), "
           "and the training-free floors on the same validation windows (95% intervals in the CSV: Wilson for "
