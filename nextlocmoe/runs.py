@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import ExperimentConfig, config_hash
 from .data.prepare import prepare
@@ -99,10 +99,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not path.is_file():
         raise NextLocMoEError(f"{path} does not exist; expected trainable weights written by nextlocmoe train")
     try:
-        tensors = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        metadata = json.loads(header[METADATA_KEY])
+        with safe_open(str(path), framework="pt", device="cpu") as f:      # one read: header and tensors
+            metadata = json.loads((f.metadata() or {})[METADATA_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise NextLocMoEError(f"{path} is not a weights file this library wrote (truncated, corrupted or another "
                               f"format: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "

@@ -192,7 +192,9 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
     model.set_popularity_prior(Popularity("targets").fit(windows).counts)   # ranking head: starts at popularity
     if cfg.model.pointer_gate_init == "repeat_rate":                        # copy gate: at the repeat rate
         model.set_copy_rate(windows.repeat_rate("train"))
-    if getattr(model, "pointer", None) is not None and model.pointer.time_terms:   # time term: the tuned scorer's
+    resuming = resume and (out_dir / "last.pt").exists()
+    if getattr(model, "pointer", None) is not None and model.pointer.time_terms and not resuming:
+        # time term: the tuned scorer's parameters (a resumed run loads its trained ones from last.pt instead)
         model.set_time_prior(make_scorer(TIME_PRIOR_SCORER).fit(windows).weights)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -204,7 +206,7 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
                state=dict(epoch=0, best_metric=-math.inf, best_epoch=0, bad_epochs=0, history=[], steps=[],
                           train_windows=0),
                hide_bars=None if main else True, started=started)
-    if resume and run.last_path.exists():
+    if resuming:
         _resume(run)
     if main:
         write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())

@@ -167,13 +167,12 @@ def compare_with_floor(profile: str, method: str, dataset: str, windows_per_poin
     cfg = curve_config(profile, method, dataset, windows_per_point, points, val_windows, overrides)
     windows = prepare(cfg.data)
     run = load_run(out_dir, windows, cfg=cfg)                  # best.pt: the best validation point so far
-    best = load_checkpoint(Path(out_dir) / "best.pt")
-    history = load_checkpoint(Path(out_dir) / "last.pt")["state"]["history"]
+    state = load_checkpoint(Path(out_dir) / "last.pt")["state"]   # which point that is, and the history
     ours = rank_split(run.model, run.windows, "val", cfg.train.eval_batch_size, desc="val ranks").rank
     floor = rank_baseline(make_scorer("window_time").fit(run.windows), run.windows, "val").rank
-    at = next(r for r in history if int(r["epoch"]) == int(best["epoch"]))
-    result = {"best_point": int(best["epoch"]), "best_train_windows": int(at.get("train_windows", 0)),
-              "points_done": len(history) - 1, **paired_comparison(ours, floor)}
+    at = next(r for r in state["history"] if int(r["epoch"]) == int(state["best_epoch"]))
+    result = {"best_point": int(state["best_epoch"]), "best_train_windows": int(at.get("train_windows", 0)),
+              "points_done": len(state["history"]) - 1, **paired_comparison(ours, floor)}
     path = Path(results_dir) / "learning_curve.json"
     if path.exists():
         stamp = json.loads(path.read_text())
