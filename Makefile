@@ -2,6 +2,7 @@
 #   make reproduce   create .venv, install, execute notebooks/00..06 with papermill (PROFILE=cpu by default:
 #                    in place, regenerating results/ and figures/); PROFILE=smoke|gpu|paper write to
 #                    runs/notebooks/<profile>/ instead
+#   make retrain     the same, but every shipped model (checkpoints/cpu/) is trained again instead of read
 #   make test        create/refresh the same .venv; unit tests, then every notebook on the smoke profile,
 #                    then nbval (lax) re-runs them and compares the cells marked NBVAL_CHECK_OUTPUT
 #   make test-fast   the developer loop: unit tests only, without those marked `slow` (training, experiments,
@@ -15,7 +16,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 PROFILE ?= cpu
 
-.PHONY: install reproduce test test-fast bench clean-cache
+.PHONY: install reproduce retrain test test-fast bench clean-cache
 
 install: $(STAMP)
 
@@ -30,6 +31,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 reproduce: $(STAMP)
 	$(VENV)/bin/nextlocmoe notebooks --profile $(PROFILE)
+
+# Rebuild the shipped models (checkpoints/$(PROFILE)/) from scratch with the same code path, then every output.
+# Resumable: a killed run keeps what it trained in runs/experiments/models/ and continues from there.
+retrain: $(STAMP)
+	rm -rf checkpoints/$(PROFILE)
+	NEXTLOCMOE_RETRAIN=1 $(VENV)/bin/nextlocmoe notebooks --profile $(PROFILE)
 
 SMOKE_NOTEBOOKS := runs/notebooks/smoke/notebooks
 

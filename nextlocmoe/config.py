@@ -97,6 +97,9 @@ class PlanConfig:
     large_backbone_batches: tuple[int, ...] = (32, 256)  # GPU only: LLaMA-3.2-3B-shaped overhead measurement
     generation_prompt_tokens: int | None = None  # LLM-Mob prompt length when the generator is a stand-in without
                                      # SmolLM2's tokenizer (compact backbone); None = measured from real prompts
+    shipped_experiments: tuple[str, ...] = ()  # experiments whose trained models are written to
+                                     # checkpoints/<profile>/ when trained (nextlocmoe/shipped.py); every experiment
+                                     # reads a shipped model whose training key matches instead of training it
 
     def validate(self) -> "PlanConfig":
         """Checks that need no registry; the experiments check names (datasets, ablation groups) themselves."""
@@ -119,6 +122,8 @@ class PlanConfig:
             ("generation_batches", len(self.generation_batches) >= 1 and all(b >= 1 for b in self.generation_batches),
              "batch sizes >= 1"),
             ("repeats", self.repeats >= 1, "an integer >= 1"),
+            ("shipped_experiments", set(self.shipped_experiments) <= {"supervised", "zero_shot", "ablations"},
+             "names from ['supervised', 'zero_shot', 'ablations']"),
             ("generation_prompt_tokens", self.generation_prompt_tokens is None or self.generation_prompt_tokens >= 1,
              "None or an integer >= 1"),
         ]
@@ -205,7 +210,7 @@ def _cpu() -> ExperimentConfig:
                         ablation_train=small,
                         zero_shot_train=small, expert_counts=(1, 11), depths=(4, 12),
                         region_dataset="nyc", llm_mob_samples=10, llm_mob_history=40, batch_sweep=(1, 8, 32),
-                        generation_batches=(1, 4), repeats=2),
+                        generation_batches=(1, 4), repeats=2, shipped_experiments=("supervised", "zero_shot")),
     )
 
 

@@ -28,19 +28,25 @@ def evaluate(model, windows: Windows, split: str, batch_size: int = 64, device: 
 
 @torch.no_grad()
 def rank_split(model, windows: Windows, split: str, batch_size: int = 64, device: torch.device | None = None,
-               desc: str | None = None) -> Ranked:
+               desc: str | None = None, max_windows: int | None = None) -> Ranked:
     """The rank of the true location, the top-1 candidate and the distance error of every window of one split,
     in stored order (what `evaluate` summarises; paired tests compare two methods window by window).
 
     Regression head: the predicted point is matched to candidates by a KD-tree (rank = position of the true
     location among candidates ordered by distance). Ranking head: candidates ordered by score.
+    max_windows: only the first windows of the split, computed in the same batches as the whole split (so on the
+    same machine their ranks are bit-identical to the whole split's first ranks).
     """
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     loader = ordered_loader(windows, split, batch_size)
     ranked, points, targets, targets_xy = [], [], [], []
+    seen = 0
     for batch in tqdm(loader, desc=desc or f"eval {split}", leave=False, disable=None):
+        if max_windows is not None and seen >= max_windows:
+            break
+        seen += len(batch["target_location"])
         batch = move_batch(batch, device)
         out = model(batch)
         if out.scores is not None:   # ranking head: ranked batch by batch, memory stays at (batch, L)
@@ -54,4 +60,5 @@ def rank_split(model, windows: Windows, split: str, batch_size: int = 64, device
         ranked = [rank_predictions(CandidateIndex(windows.candidates), torch.cat(targets), torch.cat(targets_xy),
                                    points=torch.cat(points))]
     model.train(was_training)
-    return Ranked.concat(ranked)
+    ranked = Ranked.concat(ranked)
+    return ranked if max_windows is None else ranked.first(max_windows)

@@ -496,6 +496,10 @@ class Ranked(NamedTuple):
             raise DataError("Ranked.concat needs at least one batch of ranked predictions")
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls._fields))
 
+    def first(self, n: int) -> "Ranked":
+        """The first n windows."""
+        return type(self)(*(getattr(self, f)[:n] for f in self._fields))
+
     def metrics(self, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
         """`retrieval_metrics` of these ranks with their distance errors."""
         return retrieval_metrics(self.rank, ks=ks, distance_error_m=self.error_m)

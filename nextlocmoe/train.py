@@ -170,6 +170,22 @@ class _Period:
     train_means: dict[str, float]   # mean of each loss part over the period's batches
 
 
+NO_DECAY_SUFFIX = ".parametrizations.weight.original1"   # a weight-normalised layer's direction v (w = g v/||v||)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two optimiser groups: with `weight_decay` (Adam's L2 term), and without it for
+    the directions v of weight-normalised layers (the history router's TCN). The layer uses v / ||v||, so decay
+    cannot change its function, only shrink v: after a few thousand steps ||v|| reached ~1e-20 and the forward
+    pass divided 0 by 0 (the NaN that stopped a long New York run). Their magnitudes g keep the decay."""
+    decay, free = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (free if name.endswith(NO_DECAY_SUFFIX) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows | None,
            started: float) -> _Run:
     """Data, model (ranking head at popularity, copy gate at the repeat rate, copy attention's time term at the
@@ -197,7 +213,7 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
         # time term: the tuned scorer's parameters (a resumed run loads its trained ones from last.pt instead)
         model.set_time_prior(make_scorer(TIME_PRIOR_SCORER).fit(windows).weights)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(decay_groups(model, tc.weight_decay), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.plateau_factor,
                                                            patience=tc.plateau_patience)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -316,8 +332,19 @@ def _end_period(run: _Run, period: _Period | None) -> None:
                                         "config": run.cfg.to_dict()})
     accelerator.print(f"epoch {done}{' (untrained start)' if period is None else ''}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in row.items()
-        if k.startswith(("train_loss", "val_hit", "val_mrr")) and not k.endswith(("_lo", "_hi"))))
+        if k.startswith(("train_loss", "val_hit", "val_mrr")) and not k.endswith(("_lo", "_hi"))) + _pace(run, row))
     accelerator.wait_for_everyone()
+
+
+def _pace(run: _Run, row: dict[str, Any]) -> str:
+    """" | 13.1 windows/s, ~2.4 min left": this period's training windows per second (its validation included)
+    and the periods left at that pace (an upper bound when early stopping ends the run sooner)."""
+    history = run.state["history"]
+    if len(history) < 2:
+        return ""
+    windows = row["train_windows"] - history[-2]["train_windows"]
+    left = (run.cfg.train.epochs - row["epoch"]) * row["seconds"]
+    return f" | {windows / max(row['seconds'], 1e-9):.1f} windows/s, ~{left / 60:.1f} min left"
 
 
 def _finish(run: _Run, stop_after_epochs: int | None) -> TrainResult:

@@ -539,3 +539,23 @@ def test_untrained_offset_regression_head_predicts_the_current_place(tmp_path):
     absolute = build_model(dataclasses.replace(cfg.model, regression_offset=False), windows.stats,
                            windows.candidates, windows.candidate_function).eval()
     assert not np.allclose(absolute(batch).pred_xy.double().numpy(), current_xy, atol=1.0)
+
+
+@torch.no_grad()
+def test_offset_scale_multiplies_the_displacement_only():
+    """model.regression_offset_scale s: prediction = current place + s * (W q + b), in z units."""
+    from nextlocmoe.model.heads import RegressionHead
+
+    torch.manual_seed(0)
+    state, origin = torch.randn(5, 8), torch.randn(5, 2)
+    heads = {s: RegressionHead(8, STATS, offset=True, offset_scale=s) for s in (1.0, 0.01)}
+    for head in heads.values():
+        torch.nn.init.normal_(head.projection.weight, 0, 0.3)
+        torch.nn.init.normal_(head.projection.bias, 0, 0.3)
+        head.load_state_dict(heads[1.0].state_dict())
+    scale = torch.tensor([STATS["x_std"], STATS["y_std"]], dtype=torch.float64)
+    shift = torch.tensor([STATS["x_mean"], STATS["y_mean"]], dtype=torch.float64)
+    here = origin.double() * scale + shift
+    move = (state.double() @ heads[1.0].projection.weight.double().T + heads[1.0].projection.bias.double()) * scale
+    for s, head in heads.items():
+        torch.testing.assert_close(head(state, origin).double(), here + s * move, rtol=1e-5, atol=1e-2)

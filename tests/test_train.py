@@ -136,7 +136,7 @@ def test_training_periods_tile_a_stream_of_seeded_passes():
 
 
 @pytest.mark.slow
-def test_windows_per_epoch_gives_one_validation_point_per_period(smoke_cfg, smoke_windows, tmp_path):
+def test_windows_per_epoch_gives_one_validation_point_per_period(smoke_cfg, smoke_windows, tmp_path, capsys):
     cfg = load_config("smoke", overrides=["train.epochs=3", "train.max_train_windows=96", "train.windows_per_epoch=32",
                                           "train.max_eval_windows=48", "train.max_test_windows=20",
                                           "train.early_stop_patience=10", "train.batch_size=16"])
@@ -144,6 +144,9 @@ def test_windows_per_epoch_gives_one_validation_point_per_period(smoke_cfg, smok
     assert len(result.history) == 4 and result.test["n"] == 20 and result.val["n"] == min(48, smoke_windows.n_windows("val"))
     per_epoch = pd.read_csv(tmp_path / "steps.csv").groupby("epoch").size()
     assert per_epoch.tolist() == [2, 2, 2]                                   # 32 windows = 2 batches of 16 each
+    printed = capsys.readouterr().out.splitlines()
+    paces = [line for line in printed if line.startswith("epoch ") and "windows/s, ~" in line]
+    assert len(paces) == 3 and paces[-1].endswith("~0.0 min left")        # every trained period; none left at the end
 
 
 @pytest.mark.slow
@@ -244,3 +247,32 @@ def test_weights_that_do_not_fit_or_are_damaged_give_one_clear_error(full_run, s
         (run / "model.safetensors").write_bytes(damaged)
         with pytest.raises(NextLocMoEError, match="not a weights file this library wrote"):
             load_run(run, smoke_windows, cfg=smoke_cfg)
+
+
+def test_weight_decay_leaves_weight_normalised_directions_alone():
+    """Decay cannot change a weight-normalised layer (it uses v / ||v||) and only shrinks v towards 0/0: the
+    history router's directions are in the group without decay; every other trainable weight keeps it."""
+    from nextlocmoe.model.history_router import HistoryRouter
+    from nextlocmoe.train import NO_DECAY_SUFFIX, decay_groups
+
+    torch.manual_seed(0)
+    router = HistoryRouter(token_dim=8, channels=(8, 8), kernel_size=2)
+    names = {id(p): n for n, p in router.named_parameters()}
+    decayed, free = decay_groups(router, 0.01)
+    assert decayed["weight_decay"] == 0.01 and free["weight_decay"] == 0.0
+    directions = [n for n, _ in router.named_parameters() if n.endswith(NO_DECAY_SUFFIX)]
+    assert directions and sorted(names[id(p)] for p in free["params"]) == sorted(directions)
+    assert len(decayed["params"]) + len(free["params"]) == len(list(router.parameters()))
+
+    # with a loss that does not depend on the weights, only decay moves them: the directions stay, the rest shrink
+    before = {n: p.detach().clone() for n, p in router.named_parameters()}
+    opt = torch.optim.Adam(decay_groups(router, 0.01), lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        (0.0 * sum(p.sum() for p in router.parameters())).backward()
+        opt.step()
+    for n, p in router.named_parameters():
+        if n.endswith(NO_DECAY_SUFFIX):
+            assert torch.equal(p, before[n]), n
+        elif before[n].abs().max() > 0:
+            assert p.abs().sum() < before[n].abs().sum(), n

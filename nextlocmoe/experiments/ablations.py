@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import PlanConfig
 from ..model.config import ModelConfig
-from .core import Runner, budget_text, run_config
+from .core import Runner, budget_text, run_config, slug
 from .datasets import DatasetHandle
 from .methods import head_method, model_job
 from .registry import ABLATIONS, get_method, register_ablation, register_experiment
@@ -154,7 +154,7 @@ def choose_ablation_head(runner: Runner, data: DatasetHandle) -> dict[str, Any]:
     val = {}
     for head in ("regression", "ranking"):
         cfg = run_config(runner.cfg, head_method(head), data.name)
-        val[head] = runner.trained_model(cfg, data)["val"]["hit@10"]
+        val[head] = runner.trained_model(cfg, data, name=slug(head_method(head), data.name, "default"))["val"]["hit@10"]
     head = "ranking" if val["ranking"] > val["regression"] else "regression"   # a tie keeps the paper's head
     return {"head": head, "rule": "higher validation Hit@10 of the supervised models (tie: regression)",
             "val_hit@10": val}

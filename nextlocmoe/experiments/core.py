@@ -42,6 +42,7 @@ from ..io import plain, provenance, remove_stale_temps, stable_hash, write_json_
 from ..metrics import metrics_table
 from ..model.config import ModelConfig
 from ..results import ID_COLUMNS, results_markdown, write_results
+from ..shipped import SHIPPED_DIR, export_model, install_model, retraining, shipped_index
 from ..train import train
 from .datasets import DATASET_SOURCES, DatasetHandle, dataset_config
 from .registry import ABLATIONS, get_experiment, get_method, methods
@@ -153,7 +154,8 @@ class Runner:
     def __init__(self, name: str, profile: str, *, results_dir: str | os.PathLike = "results",
                  runs_dir: str | os.PathLike = "runs/experiments", cache_dir: str | os.PathLike = ".cache/windows",
                  force: bool = False, config_path: str | os.PathLike | None = None,
-                 overrides: list[str] | tuple[str, ...] = (), plan: dict[str, Any] | None = None):
+                 overrides: list[str] | tuple[str, ...] = (), plan: dict[str, Any] | None = None,
+                 shipped_dir: str | os.PathLike = SHIPPED_DIR):
         self.experiment = get_experiment(name)
         self.name, self.profile = name, profile
         self.cfg = resolve_config(profile, config_path, overrides, plan)
@@ -161,6 +163,10 @@ class Runner:
         self.results_dir, self.runs_dir, self.cache_dir = Path(results_dir), Path(runs_dir), Path(cache_dir)
         remove_stale_temps(self.results_dir, older_than_s=STALE_AFTER_S)   # shared folder: only old leftovers
         self.force = force
+        self.shipped_root = Path(shipped_dir) / profile      # the shipped models (nextlocmoe.shipped)
+        self.shipped = shipped_index(self.shipped_root)
+        self.retrain = retraining()
+        self.ships = name in self.plan.shipped_experiments
         self.computed = self.cached = self.trained = 0
         self.retrained: set[str] = set()
         self.jobs: list[dict[str, Any]] = []
@@ -212,23 +218,38 @@ class Runner:
                           "variant": variant, **record["metrics"]})
         return record
 
-    def trained_model(self, cfg: ExperimentConfig, data: DatasetHandle) -> dict[str, Any]:
-        """Train `cfg` on `data` unless a model with this (training config, data) key is cached; its record."""
+    def trained_model(self, cfg: ExperimentConfig, data: DatasetHandle, name: str | None = None) -> dict[str, Any]:
+        """The record of the model of `cfg` trained on `data`: from the run cache, else installed from the shipped
+        models (checkpoints/<profile>, found by the same key), else trained here (and shipped, when the plan
+        ships this experiment's models: then `name` names its folder). NEXTLOCMOE_RETRAIN=1 skips the shipped
+        ones (make retrain)."""
         key = stable_hash({"config": training_dict(cfg), "data": data.fingerprint, "format": MODEL_FORMAT_VERSION})
         model_dir = self.runs_dir / "models" / slug(data.config.source, cfg.model.head, key)
         path = model_dir / "model.json"
         fresh = self.force and key not in self.retrained
         record = None if fresh else _read_json(path)
-        if record is None or record.get("key") != key:
+        if record is not None and (record.get("key") != key or (self.retrain and record.get("origin") == "shipped")):
+            record = None
+        if record is None and not (fresh or self.retrain) and key in self.shipped:
+            record = {**install_model(self.shipped[key], model_dir), "dir": str(model_dir.relative_to(self.runs_dir))}
+            write_json_atomic(path, record)
+        if record is None:
             result = train(cfg, model_dir, windows=data.windows, resume=not fresh)
             written = json.loads((model_dir / "metrics.json").read_text())
             record = {"key": key, "config_hash": config_hash(cfg), "dir": str(model_dir.relative_to(self.runs_dir)),
                       "best_epoch": result.best_epoch, "val": result.val, "test": result.test,
                       "parameters": written.get("parameters"), "windows": written.get("windows"),
-                      "train_wall_s": result.wall_s, "data": data.fingerprint}
+                      "train_wall_s": result.wall_s, "data": data.fingerprint, "dataset": data.name,
+                      "origin": "trained"}
             write_json_atomic(path, record)
             self.trained += 1
             self.retrained.add(key)
+        if self.ships and record.get("origin") == "trained" and key not in self.shipped:
+            name = name or slug(data.name, cfg.model.head, key[:8])
+            shipped = export_model(model_dir, record, cfg, data.windows, self.shipped_root / name, name)
+            record = {**shipped, "dir": record["dir"], "shipped": (self.shipped_root / name).as_posix()}
+            write_json_atomic(path, record)
+            self.shipped[key] = self.shipped_root / name
         return record
 
     # -- outputs ------------------------------------------------------------------------------------

@@ -149,3 +149,25 @@ def region_handles(name: str, config: DataConfig) -> tuple[DatasetHandle, Datase
     handles = tuple(DatasetHandle(f"{name}_{region}", config, build(region),
                                   {"region": region, "region_rule": REGION_RULE}) for region in ("west", "east"))
     return handles[0], handles[1], split
+
+
+def named_handle(name: str, cfg: ExperimentConfig, cache_dir: str | os.PathLike = ".cache/windows") -> DatasetHandle:
+    """The handle of any dataset an experiment names: a source of DATASET_SOURCES ("nyc", "synthetic"), the
+    synthetic zero-shot pair ("synthetic_A", "synthetic_B") or a half of the region dataset ("nyc_west",
+    "nyc_east"); a shipped model's record names the one it was trained on (tests re-evaluate it)."""
+    from ..data.prepare import prepare
+
+    def handle(label: str, config: DataConfig) -> DatasetHandle:
+        return DatasetHandle(label, config, lambda: prepare(config, cache_dir=cache_dir))
+
+    if name in DATASET_SOURCES:
+        return handle(name, dataset_config(name, cfg))
+    synthetic = dataset_config("synthetic", cfg)
+    if name in ("synthetic_A", "synthetic_B"):
+        return handle(name, synthetic if name == "synthetic_A" else second_city(synthetic))
+    region = cfg.plan.region_dataset
+    if name in (f"{region}_west", f"{region}_east"):
+        west, east, _ = region_handles(region, dataset_config(region, cfg))
+        return west if name.endswith("_west") else east
+    raise ConfigError(f"dataset '{name}' is unknown; expected one of {list(DATASET_SOURCES)}, synthetic_A, "
+                      f"synthetic_B, {region}_west or {region}_east")

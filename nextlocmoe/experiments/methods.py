@@ -31,7 +31,7 @@ from ..model.config import ModelConfig
 from ..runs import limited
 from ..runtime import pick_device
 from ..window_scorers import make_scorer
-from .core import Runner
+from .core import Runner, slug
 from .datasets import DatasetHandle
 from .registry import Method, register_method
 
@@ -142,7 +142,7 @@ def model_job(runner: Runner, method: str, data: DatasetHandle, cfg: ExperimentC
     key = {"config": training_dict(cfg), "data": data.fingerprint}
 
     def compute(job_dir: Path) -> dict[str, Any]:
-        model = runner.trained_model(cfg, data)
+        model = runner.trained_model(cfg, data, name=slug(method, label or data.name, variant))
         return {"metrics": model["test"], "val": model["val"], "model_dir": model["dir"],
                 "config_hash": config_hash(cfg), "best_epoch": model["best_epoch"],
                 "parameters": model["parameters"], "windows": model["windows"]}

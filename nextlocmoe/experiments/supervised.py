@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..io import provenance
 from ..metrics import metrics_table
 from ..results import markdown_table, write_results
-from .core import Runner, budget_text, run_config
+from .core import Runner, budget_text, run_config, slug
 from .methods import baseline_job, model_job
 from .registry import get_method, register_experiment
 from .registry import methods as registered_methods
@@ -101,7 +101,7 @@ def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
                           f"{list(runner.plan.datasets)}")
     data = runner.dataset(dataset)
     cfg = run_config(runner.cfg, method, dataset)
-    record = runner.trained_model(cfg, data)
+    record = runner.trained_model(cfg, data, name=slug(method, dataset, "default"))
     return TrainedModel(method, dataset, cfg, runner.runs_dir / record["dir"], record, data.windows)
 
 

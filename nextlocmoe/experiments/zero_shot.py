@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..runs import limited, load_run
 from ..runtime import pick_device
-from .core import Runner, budget_text
+from .core import Runner, budget_text, slug
 from .datasets import REGION_RULE, DatasetHandle, dataset_config, humob_config, region_handles, second_city
 from ..window_scorers import make_scorer
 from .methods import LLMMobRunner, model_job
@@ -118,7 +118,7 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
             key = {"config": training_dict(cfg), "source": source.fingerprint, "target": target.fingerprint}
 
             def compute(job_dir: Path, cfg=cfg, source=source, target=target, extra=extra) -> dict[str, Any]:
-                model = runner.trained_model(cfg, source)
+                model = runner.trained_model(cfg, source, name=slug(method, source.name, "zero_shot_source"))
                 metrics = transfer_metrics(cfg, runner.runs_dir / model["dir"], source.windows, target.windows)
                 details = {"metrics": metrics, "model_dir": model["dir"], "source_test": model["test"]}
                 if "split" in extra:

@@ -116,6 +116,8 @@ class ModelConfig:
     regression_offset: bool = True   # ours: the regression head predicts an offset from the current record's place,
                                      # zero at initialisation (step 0 = "stay where you are"); False = the paper's
                                      # absolute point (docs/design.md §3.6)
+    regression_offset_scale: float = 1.0  # ours: the offset is this times the linear map's output, so Adam's first
+                                     # steps move the prediction this much less (chosen on validation, §3.6)
     entropy_weight: float = 300.0    # lambda on the mean P-MoE gate entropy, regression loss (reference 300)
     ranking_entropy_weight: float = 1.0  # lambda with the ranking head (ours: CE is in nats, not metres)
     balance_weight: float = 1.0      # ours, beta: the routing term is lambda * (H + beta * (ln E - H(batch-mean gate)));
@@ -188,6 +190,7 @@ class ModelConfig:
             ("ranking_fourier_max_scale", self.ranking_fourier_max_scale > 0, "a frequency > 0"),
             ("pointer_dim", self.pointer_dim >= 1, "an integer >= 1"),
             ("pointer_gate_init", self.pointer_gate_init in ("repeat_rate", "baseline"), "'repeat_rate' or 'baseline'"),
+            ("regression_offset_scale", self.regression_offset_scale > 0, "a value > 0"),
         ]
         for name, ok, expected in checks:
             if not ok:

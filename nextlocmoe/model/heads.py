@@ -62,13 +62,14 @@ class RegressionHead(nn.Module):
     offset=True (ours, model.regression_offset): the linear map predicts a displacement from `origin_z`, the
     z-scored coordinates of the window's current (last) record, and starts at zero (weight and bias, like LoRA's
     B): at step 0 the head predicts the current place, the "stay where you are" floor (last_location), and
-    training moves it from there. offset=False is the paper's absolute point from a default-initialised Linear.
+    training moves it from there; `offset_scale` multiplies the displacement (a smaller one makes Adam's first steps
+    move the prediction less). offset=False is the paper's absolute point from a default-initialised Linear.
     """
 
-    def __init__(self, d_model: int, norm_stats: Any, offset: bool = False):
+    def __init__(self, d_model: int, norm_stats: Any, offset: bool = False, offset_scale: float = 1.0):
         super().__init__()
         self.projection = nn.Linear(d_model, 2)   # drawn in both cases: the other modules see the same random stream
-        self.offset = offset
+        self.offset, self.offset_scale = offset, float(offset_scale)
         if offset:
             with torch.no_grad():
                 self.projection.weight.zero_()
@@ -85,7 +86,7 @@ class RegressionHead(nn.Module):
         with _float32_region(state.device):
             z = F.linear(state.float(), self.projection.weight.float(), self.projection.bias.float())  # (B, 2)
             if self.offset:
-                z = origin_z.float() + z                                                  # (B, 2) displacement
+                z = origin_z.float() + self.offset_scale * z                              # (B, 2) displacement
             # python-float scalars: no host-to-device copy, no sync on GPU
             return torch.stack([z[:, 0] * self.x_std + self.x_mean, z[:, 1] * self.y_std + self.y_mean], dim=-1)
 

@@ -179,7 +179,8 @@ class NextLocMoE(nn.Module):
 
         # --- head (Sec. 4.4)
         if cfg.head == "regression":
-            self.head = RegressionHead(d_model, norm_stats, offset=cfg.regression_offset)
+            self.head = RegressionHead(d_model, norm_stats, offset=cfg.regression_offset,
+                                       offset_scale=cfg.regression_offset_scale)
         else:
             if self.candidates_xy is None or self.candidate_function is None:
                 raise ConfigError("model.head='ranking' needs candidates_xy (L, 2) and candidate_function (L,)")
