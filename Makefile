@@ -1,4 +1,4 @@
-# NextLocMoE companion. Two commands do everything:
+# NextLocMoE companion. Three commands do everything:
 #   make reproduce   create .venv, install, execute notebooks/00..06 with papermill (PROFILE=cpu by default:
 #                    in place, regenerating results/ and figures/); PROFILE=smoke|gpu|paper write to
 #                    runs/notebooks/<profile>/ instead

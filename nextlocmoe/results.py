@@ -141,6 +141,12 @@ def is_interval_metric(metric: str) -> bool:
     return str(metric).endswith(INTERVAL_SUFFIXES)
 
 
+PAIRED_COLUMNS = {"hit@1": "Hit@1", "hit@10": "Hit@10", "mrr": "MRR"}
+PAIRED_NOTE = ("Paired tests (`metrics.paired_comparison`): each row against its dataset's reference row (named in "
+               "the notes) on the same test windows: the difference row - reference, its 95% paired-bootstrap "
+               "interval, and p (exact McNemar for Hit@k, paired bootstrap for MRR); p < 0.05 is \"beyond noise\".")
+
+
 def format_interval(metric: str, value: float, lo: float, hi: float) -> str:
     """A point metric with its 95% interval in one cell, 3 decimals: "0.440 [0.373, 0.509]"; the plain value
     (`format_value`) when a bound is missing (tables written before intervals existed)."""
@@ -185,6 +191,18 @@ def results_markdown(table: pd.DataFrame, name: str, profile: str, notes: list[s
         if any(f"{m}_lo" in wide.columns for m in columns):
             notes = [*notes, INTERVAL_NOTE]
     text = [f"# {name} (profile {profile})", "", description, "", markdown_table(pd.DataFrame(rows))]
+    paired = [m for m in PAIRED_COLUMNS if f"paired_{m}" in wide.columns]
+    if layout == "methods" and paired:
+        def paired_cell(key: tuple, metric: str) -> str:
+            if value(key, "paired_reference") == 1:
+                return "(reference)"
+            d, lo, hi, p = (value(key, f"paired_{metric}{s}") for s in ("", "_lo", "_hi", "_p"))
+            return "" if not math.isfinite(d) else f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] p={p:.2g}"
+        shown = [key for key in keys if value(key, "paired_reference") == 1
+                 or any(math.isfinite(value(key, f"paired_{m}")) for m in paired)]
+        pairs = [{**dict(zip(index, key)), **{f"{PAIRED_COLUMNS[m]} vs reference": paired_cell(key, m)
+                                              for m in paired}} for key in shown]
+        text += [PAIRED_NOTE, "", markdown_table(pd.DataFrame(pairs))]
     text += ["Notes:", ""] + [f"- {note}" for note in notes]
     text += ["", f"Tidy values: {name}.csv; provenance: {name}.json; regenerate with "
                  f"`nextlocmoe run {name} --profile {profile}`.", ""]

@@ -75,7 +75,7 @@ def _evaluate(cfg: ExperimentConfig, folder: Path, windows: Windows) -> dict[str
     device, batch = pick_device(), cfg.train.eval_batch_size
     test = rank_split(run.model, run.windows, "test", batch, device, desc="shipped test")
     return {"val": rank_split(run.model, run.windows, "val", batch, device, desc="shipped val").metrics(),
-            "test": test.metrics(),
+            "test": test.metrics(), "test_ranks": test.rank.tolist(),
             "check": {"windows": min(CHECK_WINDOWS, len(test.rank)), "metrics": test.first(CHECK_WINDOWS).metrics()}}
 
 

@@ -50,7 +50,8 @@ from .config import ExperimentConfig, config_hash, training_dict
 from .data.prepare import prepare
 from .data.windows import WindowDataset, Windows, identity_collate
 from .errors import NextLocMoEError
-from .evaluation import evaluate
+from .evaluation import evaluate, rank_split
+from .metrics import Ranked
 from .io import atomic_path, check_writable, provenance, remove_stale_temps, write_json_atomic, write_text_atomic
 from .model import build_model
 from .runs import (WEIGHTS_FILE, limited, load_checkpoint, load_run, load_trainable_state, save_checkpoint,
@@ -119,14 +120,14 @@ def _training_part(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_once(accelerator: Accelerator, model, windows: Windows, split: str, batch_size: int,
-                  desc: str) -> dict[str, float]:
-    """Evaluate on the main process only and hand the metrics to every process (several processes would
-    otherwise each evaluate the whole split); one process: a plain `evaluate`."""
-    metrics = [evaluate(model, windows, split, batch_size, device=accelerator.device, desc=desc)
-               if accelerator.is_main_process else None]
+                  desc: str) -> Ranked:
+    """Rank one split on the main process only and hand the result to every process (several processes would
+    otherwise each evaluate the whole split); one process: a plain `rank_split`."""
+    ranked = [rank_split(model, windows, split, batch_size, device=accelerator.device, desc=desc)
+              if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
-        broadcast_object_list(metrics, from_process=0)
-    return metrics[0]
+        broadcast_object_list(ranked, from_process=0)
+    return ranked[0]
 
 
 @dataclass
@@ -311,7 +312,7 @@ def _end_period(run: _Run, period: _Period | None) -> None:
     started = time.perf_counter() if period is None else period.started
     unwrapped = accelerator.unwrap_model(run.model)
     val = evaluate_once(accelerator, unwrapped, run.windows, "val", run.cfg.train.eval_batch_size,
-                        desc="val start" if period is None else f"val {done}")
+                        desc="val start" if period is None else f"val {done}").metrics()
     run.scheduler.step(val[SELECTION_METRIC])
     train_means = {} if period is None else period.train_means
     row = {"epoch": done, "train_windows": state.get("train_windows", 0),
@@ -361,7 +362,8 @@ def _finish(run: _Run, stop_after_epochs: int | None) -> TrainResult:
     best = load_checkpoint(run.best_path)
     unwrapped = accelerator.unwrap_model(run.model)
     load_trainable_state(unwrapped, best["model"])
-    test = evaluate_once(accelerator, unwrapped, run.windows, "test", tc.eval_batch_size, desc="test")
+    ranked = evaluate_once(accelerator, unwrapped, run.windows, "test", tc.eval_batch_size, desc="test")
+    test = ranked.metrics()
     wall = time.perf_counter() - run.started
     if accelerator.is_main_process:
         with atomic_path(run.out_dir / "history.csv") as tmp:
@@ -374,6 +376,7 @@ def _finish(run: _Run, stop_after_epochs: int | None) -> TrainResult:
         save_weights(run.out_dir / WEIGHTS_FILE, best["model"], stamp)   # the file to hand on (runs.py)
         write_json_atomic(run.out_dir / "metrics.json", {
             "best_epoch": best["epoch"], "val": best["val"], "test": test,
+            "test_ranks": ranked.rank.tolist(),      # window by window: the paired tests of the results tables
             "windows": {s: run.windows.n_windows(s) for s in ("train", "val", "test")},
             "parameters": unwrapped.parameter_counts(),
             "provenance": provenance(run.cfg.profile, seed=tc.seed, data_checksum=run.windows.meta.get("checksum"),

@@ -134,6 +134,30 @@ def test_supervised_table_is_tidy_and_every_method_sees_the_same_test_set(superv
     assert (wide["hit@1"] <= wide["hit@5"]).all() and (wide["hit@10"] <= wide["hit@20"]).all()
 
 
+def test_every_row_is_paired_against_the_best_training_free_scorer_on_the_same_windows(supervised_run, dirs):
+    """The paired metrics of the table are metrics.paired_comparison of the jobs' stored test ranks, against the
+    tuned scorer with the highest validation MRR; the reference row is flagged, the others each carry a test."""
+    from nextlocmoe.metrics import paired_comparison
+    from nextlocmoe.window_scorers import SCORERS
+
+    records = [json.loads(p.read_text()) for p in (dirs["runs_dir"] / "supervised").glob("*/result.json")]
+    scorers = [r for r in records if r["method"] in SCORERS]
+    reference = max(scorers, key=lambda r: r["details"]["val"]["mrr"])
+    df = pd.read_csv(supervised_run.paths["csv"])
+    flagged = df[df["metric"] == "paired_reference"]
+    assert flagged[["method", "value"]].values.tolist() == [[reference["method"], 1.0]]
+    other = next(r for r in records if r["method"] == "nextlocmoe_ranking")
+    assert len(other["ranks"]) == len(reference["ranks"]) == 32
+    expected = paired_comparison(other["ranks"], reference["ranks"], ks=(1, 10))
+    row = df[(df["method"] == "nextlocmoe_ranking")].set_index("metric")["value"]
+    for m in ("hit@1", "hit@10", "mrr"):
+        for suffix in ("", "_lo", "_hi", "_p"):
+            assert row[f"paired_{m}{suffix}"] == pytest.approx(expected[f"{m}_{'diff' if not suffix else suffix[1:]}"])
+    paired_methods = set(df.loc[df["metric"] == "paired_hit@1", "method"])
+    assert paired_methods == set(SUPERVISED_METHODS) - {reference["method"]}
+    assert "Paired tests" in supervised_run.paths["md"].read_text()
+
+
 def test_second_call_reads_the_cache_and_force_recomputes(supervised_run, dirs, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached experiment must not train")
@@ -286,10 +310,11 @@ def test_zero_shot_uses_target_candidates_and_source_statistics(zero_shot_run, d
     source = runner.handle("a", cfg.data).windows
     target = runner.handle("b", experiments.second_city(cfg.data)).windows
     assert target.n_locations != source.n_locations       # 14 x 14 vs 12 x 12 cells
-    again = experiments.transfer_metrics(job_cfg, dirs["runs_dir"] / record["details"]["model_dir"], source, target)
-    assert again == pytest.approx(record["metrics"])
+    again = experiments.transfer_ranks(job_cfg, dirs["runs_dir"] / record["details"]["model_dir"], source, target)
+    assert again.metrics() == pytest.approx(record["metrics"])
+    assert again.rank.tolist() == record["ranks"]
     with pytest.raises(ConfigError, match="regression"):
-        experiments.transfer_metrics(dataclasses.replace(job_cfg, model=dataclasses.replace(job_cfg.model,
+        experiments.transfer_ranks(dataclasses.replace(job_cfg, model=dataclasses.replace(job_cfg.model,
                                      head="ranking")), dirs["runs_dir"], source, target)
 
 

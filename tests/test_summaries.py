@@ -91,3 +91,37 @@ def test_ablation_changes_within_or_beyond_noise():
     assert summarize(table("ablations", plain), "ablations") == (
         "- **nyc**, Hit@10 of the full model 0.500; change per variant (lowest first): no_prompt -0.100, "
         "experts_1 +0.020.\n")
+
+
+def paired(d, lo, hi, p, metric="hit@10"):
+    return {f"paired_{metric}": d, f"paired_{metric}_lo": lo, f"paired_{metric}_hi": hi, f"paired_{metric}_p": p}
+
+
+def test_paired_tests_decide_noise_where_the_table_has_them():
+    """Intervals that overlap (0.40 [0.38, 0.42] vs 0.44 [0.41, 0.47]) but a paired test with p = 0.001: the
+    sentence follows the paired test, against the reference row, and names its interval and p."""
+    rows = [("window_time", "baseline", "nyc", "default", {"hit@10": 0.44, "hit@10_lo": 0.41, "hit@10_hi": 0.47,
+                                                           "n": 2000, "paired_reference": 1.0}),
+            ("nextlocmoe", "paper method", "nyc", "default", {"hit@10": 0.40, "hit@10_lo": 0.38, "hit@10_hi": 0.42,
+                                                              "n": 2000, **paired(-0.04, -0.06, -0.02, 0.001)})]
+    text = summarize(table("supervised", rows), "supervised", metrics=("hit@10",))
+    assert text == ("- **nyc**, Hit@10: best window_time (0.440); nextlocmoe 0.400 (rank 2 of 2, -0.040 (paired 95% "
+                    "[-0.060, -0.020], p = 0.001, beyond noise) vs window_time).\n")
+    rows[1][4].update(paired(-0.04, -0.09, 0.01, 0.2))
+    assert "p = 0.2, within noise) vs window_time" in summarize(table("supervised", rows), "supervised",
+                                                                  metrics=("hit@10",))
+
+
+def test_ablation_changes_follow_the_paired_tests():
+    rows = [("nextlocmoe", "extension", "nyc", "full", {"hit@10": 0.50, "n": 2000, "paired_reference": 1.0}),
+            ("nextlocmoe", "ablation", "nyc", "no_pointer", {"hit@10": 0.40, "n": 2000,
+                                                             **paired(-0.10, -0.13, -0.07, 1e-6)}),
+            ("nextlocmoe", "ablation", "nyc", "no_prompt", {"hit@10": 0.49, "n": 2000,
+                                                            **paired(-0.01, -0.03, 0.01, 0.4)})]
+    text = summarize(table("ablations", rows), "ablations")
+    assert text == ("- **nyc**, Hit@10 of the full model 0.500; change per variant (lowest first): no_pointer -0.100 "
+                    "(paired 95% [-0.130, -0.070], p = 1e-06, beyond noise), no_prompt -0.010 (paired 95% [-0.030, "
+                    "+0.010], p = 0.4, within noise). Beyond noise (paired test on the same windows, p < 0.05): "
+                    "no_pointer.\n")
+    text = summarize(table("ablations", [rows[0], rows[2]]), "ablations")
+    assert text.endswith("Every change is within noise (paired tests on the same windows, every p >= 0.05).\n")

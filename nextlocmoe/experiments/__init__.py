@@ -31,7 +31,7 @@ from .registry import (ABLATIONS, EXPERIMENTS, METHODS, Experiment, Method, expe
                        unregister_method)
 from .supervised import (TrainedModel, best_supervised_model, plan_datasets, supervised_model,
                          write_training_summary)
-from .zero_shot import transfer_metrics
+from .zero_shot import transfer_ranks
 
 
 def supervised(profile: str = "smoke", **options) -> ExperimentResult:

@@ -166,6 +166,7 @@ def ablations(runner: Runner) -> list[str]:
     plan = runner.plan
     data = runner.dataset(plan.datasets[0])
     choice = choose_ablation_head(runner, data)
+    runner.paired_reference = lambda records: next((r for r in records if r["variant"] == "full"), None)
     runner.decisions["ablation_head"] = choice
     method = head_method(choice["head"])
     variants = ablation_variants(get_method(method).model_config(runner.cfg.model), plan)

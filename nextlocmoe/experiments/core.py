@@ -39,7 +39,7 @@ from ..data.config import DataConfig
 from ..data.prepare import prepare
 from ..errors import ConfigError
 from ..io import plain, provenance, remove_stale_temps, stable_hash, write_json_atomic
-from ..metrics import metrics_table
+from ..metrics import Ranked, metrics_table, paired_comparison
 from ..model.config import ModelConfig
 from ..results import ID_COLUMNS, results_markdown, write_results
 from ..shipped import SHIPPED_DIR, export_model, install_model, retraining, shipped_index
@@ -47,18 +47,24 @@ from ..train import train
 from .datasets import DATASET_SOURCES, DatasetHandle, dataset_config
 from .registry import ABLATIONS, get_experiment, get_method, methods
 
-JOB_FORMAT_VERSION = 3      # bump when what a job stores changes: every cached result then misses (2: config_hash;
-                            # 3: 95% intervals of Hit@k and MRR)
+JOB_FORMAT_VERSION = 4      # bump when what a job stores changes: every cached result then misses (2: config_hash;
+                            # 3: 95% intervals of Hit@k and MRR; 4: test ranks window by window)
 MODEL_FORMAT_VERSION = 4    # the same for trained models (2: steps.csv; 3: key without profile name and plan;
                             # 4: popularity prior + copy mixture of the ranking head)
 
 
+PAIRED_KS = (1, 10)         # the Hit@k of the paired comparisons in the tables (with MRR)
 STALE_AFTER_S = 3600        # a temp file of an atomic write older than this in a shared folder is a killed write
 
 
 def slug(*parts: str) -> str:
     """A file-name-safe job name: letters, digits, '.', '_' and '-' only."""
     return "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", str(p)).strip("_") for p in parts)
+
+
+def ranked_output(ranked: Ranked) -> dict[str, Any]:
+    """A job's "metrics" and "ranks" (test ranks window by window, for the paired comparisons) from a Ranked."""
+    return {"metrics": ranked.metrics(), "ranks": ranked.rank.tolist()}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -171,6 +177,9 @@ class Runner:
         self.retrained: set[str] = set()
         self.jobs: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []          # every job's record, ranks included, in order
+        # the row every other row of a dataset is paired against: records of one dataset -> one of them (or None)
+        self.paired_reference: Callable[[list[dict[str, Any]]], dict[str, Any] | None] | None = None
         self.decisions: dict[str, Any] = {}
         self.datasets: dict[str, DatasetHandle] = {}
         self.t0 = time.perf_counter()
@@ -203,8 +212,9 @@ class Runner:
             started = time.perf_counter()
             out = compute(job_dir)
             metrics = {k: v for k, v in out.pop("metrics").items() if _is_number(v)}
+            ranks = out.pop("ranks", None)
             record = {"hash": h, "experiment": self.name, "method": method, "kind": kind, "dataset": dataset,
-                      "variant": variant, "metrics": metrics, "details": out, "key": key,
+                      "variant": variant, "metrics": metrics, "ranks": ranks, "details": out, "key": key,
                       "wall_s": time.perf_counter() - started,
                       "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_json_atomic(path, record)
@@ -216,6 +226,7 @@ class Runner:
                           "dir": str(job_dir.relative_to(self.runs_dir))})
         self.rows.append({"experiment": self.name, "method": method, "kind": record["kind"], "dataset": dataset,
                           "variant": variant, **record["metrics"]})
+        self.records.append(record)
         return record
 
     def trained_model(self, cfg: ExperimentConfig, data: DatasetHandle, name: str | None = None) -> dict[str, Any]:
@@ -240,7 +251,7 @@ class Runner:
                       "best_epoch": result.best_epoch, "val": result.val, "test": result.test,
                       "parameters": written.get("parameters"), "windows": written.get("windows"),
                       "train_wall_s": result.wall_s, "data": data.fingerprint, "dataset": data.name,
-                      "origin": "trained"}
+                      "test_ranks": written.get("test_ranks"), "origin": "trained"}
             write_json_atomic(path, record)
             self.trained += 1
             self.retrained.add(key)
@@ -253,8 +264,39 @@ class Runner:
         return record
 
     # -- outputs ------------------------------------------------------------------------------------
+    def paired_rows(self) -> list[dict[str, Any]]:
+        """Every row with test ranks against its dataset's reference row (`paired_reference`), on the same
+        windows: `metrics.paired_comparison` as metrics "paired_hit@1", "paired_hit@1_lo/_hi/_p", the same for
+        hit@10 and mrr (differences: row minus reference). The reference of each dataset goes to decisions."""
+        if self.paired_reference is None:
+            return []
+        rows, chosen = [], {}
+        for dataset in dict.fromkeys(r["dataset"] for r in self.records):
+            group = [r for r in self.records if r["dataset"] == dataset]
+            reference = self.paired_reference(group)
+            if reference is None or not reference.get("ranks"):
+                continue
+            chosen[dataset] = {"method": reference["method"], "variant": reference["variant"]}
+            rows.append({"experiment": self.name, "method": reference["method"], "kind": reference["kind"],
+                         "dataset": dataset, "variant": reference["variant"], "paired_reference": 1.0})
+            for r in group:
+                if r is reference or not r.get("ranks") or len(r["ranks"]) != len(reference["ranks"]):
+                    continue
+                c = paired_comparison(r["ranks"], reference["ranks"], ks=PAIRED_KS)
+                values = {}
+                for m in [f"hit@{k}" for k in PAIRED_KS] + ["mrr"]:
+                    values.update({f"paired_{m}": c[f"{m}_diff"], f"paired_{m}_lo": c[f"{m}_lo"],
+                                   f"paired_{m}_hi": c[f"{m}_hi"], f"paired_{m}_p": c[f"{m}_p"]})
+                rows.append({"experiment": self.name, "method": r["method"], "kind": r["kind"], "dataset": dataset,
+                             "variant": r["variant"], **values})
+        self.decisions["paired_reference"] = chosen
+        return rows
+
     def finish(self, notes: list[str]) -> ExperimentResult:
-        table = metrics_table(self.rows, id_columns=ID_COLUMNS)
+        table = metrics_table(self.rows + self.paired_rows(), id_columns=ID_COLUMNS)
+        notes = notes + [f"Paired reference on {dataset}: {ref['method']}"
+                         + ("" if ref["variant"] == "default" else f" [{ref['variant']}]")
+                         for dataset, ref in self.decisions.get("paired_reference", {}).items()]
         wall = time.perf_counter() - self.t0
         checksums = {h.name: h.checksum for h in self.datasets.values()}
         stamp = provenance(self.profile, seed=self.cfg.train.seed, data_checksum=checksums,

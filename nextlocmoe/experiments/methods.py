@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..baselines import BASELINES, NeuralBaselineConfig, evaluate_baseline
+from ..baselines import BASELINES, NeuralBaselineConfig, evaluate_baseline, rank_baseline
 from ..config import ExperimentConfig, config_hash, training_dict
 from ..model.backbone import RANDOM_BACKBONES
 from ..model.compact import is_compact_dir
@@ -31,7 +31,7 @@ from ..model.config import ModelConfig
 from ..runs import limited
 from ..runtime import pick_device
 from ..window_scorers import make_scorer
-from .core import Runner, slug
+from .core import Runner, ranked_output, slug
 from .datasets import DatasetHandle
 from .registry import Method, register_method
 
@@ -128,7 +128,7 @@ def baseline_job(runner: Runner, method: Method, data: DatasetHandle, cfg: Exper
                      "best_epoch": model.best_epoch, "fit_seconds": model.fit_seconds}
         if hasattr(model, "fit_details"):    # the tuned scorers: the parameters chosen on validation
             extra = model.fit_details()
-        return {"metrics": evaluate_baseline(model, windows, "test"),
+        return {**ranked_output(rank_baseline(model, windows, "test")),
                 "val": evaluate_baseline(model, windows, "val"),
                 "windows": {s: windows.n_windows(s) for s in ("train", "val", "test")}, **extra}
 
@@ -143,7 +143,7 @@ def model_job(runner: Runner, method: str, data: DatasetHandle, cfg: ExperimentC
 
     def compute(job_dir: Path) -> dict[str, Any]:
         model = runner.trained_model(cfg, data, name=slug(method, label or data.name, variant))
-        return {"metrics": model["test"], "val": model["val"], "model_dir": model["dir"],
+        return {"metrics": model["test"], "ranks": model.get("test_ranks"), "val": model["val"], "model_dir": model["dir"],
                 "config_hash": config_hash(cfg), "best_epoch": model["best_epoch"],
                 "parameters": model["parameters"], "windows": model["windows"]}
 

@@ -24,6 +24,7 @@ from ..metrics import metrics_table
 from ..results import markdown_table, write_results
 from .core import Runner, budget_text, run_config, slug
 from .methods import baseline_job, model_job
+from ..window_scorers import SCORERS
 from .registry import get_method, register_experiment
 from .registry import methods as registered_methods
 
@@ -34,6 +35,7 @@ from .registry import methods as registered_methods
 def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[str]:
     """Rows of every supervised method (or only `methods`) on every dataset of the plan."""
     chosen = [get_method(m) for m in methods] if methods else registered_methods(supervised=True)
+    runner.paired_reference = best_training_free
     for dataset in runner.plan.datasets:
         data = runner.dataset(dataset)
         for method in tqdm(chosen, desc=f"supervised {dataset}", unit="method", disable=None):
@@ -56,6 +58,13 @@ def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[s
         "no MoE and no router, a LoRA on every FFN).",
         "Test metrics come from the checkpoint with the best validation Hit@10.",
     ]
+
+
+def best_training_free(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paired tests' reference of a dataset: of its tuned training-free scorers (window_scorers.SCORERS), the
+    one with the highest VALIDATION MRR (first on ties); None when the table has none."""
+    scorers = [r for r in records if r["method"] in SCORERS and "val" in r["details"]]
+    return max(scorers, key=lambda r: r["details"]["val"]["mrr"], default=None)
 
 
 def _metric_position(metric: str) -> tuple[int, int, str]:

@@ -26,15 +26,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..baselines import evaluate_baseline, make_baseline
+from ..baselines import make_baseline, rank_baseline
 from ..config import ExperimentConfig, training_dict
 from ..data.config import DataConfig
 from ..data.windows import Windows
 from ..errors import ConfigError
-from ..evaluation import evaluate
+from ..evaluation import rank_split
+from ..metrics import Ranked
 from ..runs import limited, load_run
 from ..runtime import pick_device
-from .core import Runner, budget_text, slug
+from .core import Runner, budget_text, ranked_output, slug
 from .datasets import REGION_RULE, DatasetHandle, dataset_config, humob_config, region_handles, second_city
 from ..window_scorers import make_scorer
 from .methods import LLMMobRunner, model_job
@@ -43,8 +44,8 @@ from .registry import get_method, register_experiment
 TRANSFER_METHODS = ("nextlocmoe", "nextlocllm")
 
 
-def transfer_metrics(cfg: ExperimentConfig, model_dir: Path, source: Windows, target: Windows) -> dict[str, float]:
-    """Test metrics on `target` of the model trained on `source` (best.pt in model_dir), without fine-tuning:
+def transfer_ranks(cfg: ExperimentConfig, model_dir: Path, source: Windows, target: Windows) -> Ranked:
+    """Test ranks on `target` of the model trained on `source` (its weights in model_dir), without fine-tuning:
     inputs normalised with the SOURCE statistics, retrieval over the TARGET candidates (module docstring)."""
     if cfg.model.head != "regression":
         raise ConfigError("zero-shot transfer needs model.head='regression': the ranking head's candidate "
@@ -52,7 +53,7 @@ def transfer_metrics(cfg: ExperimentConfig, model_dir: Path, source: Windows, ta
     model = load_run(model_dir, source, cfg=cfg).model
     target = limited(dataclasses.replace(target, stats=source.stats), cfg)
     device = pick_device()
-    return evaluate(model, target, "test", cfg.train.eval_batch_size, device=device, desc="zero-shot test")
+    return rank_split(model, target, "test", cfg.train.eval_batch_size, device=device, desc="zero-shot test")
 
 
 def history_only_job(runner: Runner, target: DatasetHandle, label: str, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def history_only_job(runner: Runner, target: DatasetHandle, label: str, cfg: Exp
         windows = limited(target.windows, cfg)
         model = make_baseline("user_most_frequent").fit(windows)
         model.popularity.counts = np.zeros_like(model.popularity.counts)   # no prior: only the window's records
-        return {"metrics": evaluate_baseline(model, windows, "test")}
+        return ranked_output(rank_baseline(model, windows, "test"))
 
     return runner.job("user_most_frequent", label, "history only (no training)", key, compute)
 
@@ -83,7 +84,7 @@ def training_free_job(runner: Runner, source: DatasetHandle, target: DatasetHand
         chosen = make_scorer(name, use_popularity=False).fit(limited(source.windows, cfg))   # source val only
         windows = limited(target.windows, cfg)
         scorer = make_scorer(name, use_popularity=False).fit(windows, weights=chosen.weights)
-        return {"metrics": evaluate_baseline(scorer, windows, "test"), **chosen.fit_details()}
+        return {**ranked_output(rank_baseline(scorer, windows, "test")), **chosen.fit_details()}
     return runner.job(name, label, "training-free (parameters from the source)", key, compute)
 
 
@@ -107,6 +108,7 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
         pairs += [(cities[0], other, {}) for other in cities[1:]]
 
     mob = LLMMobRunner(runner)
+    runner.paired_reference = lambda records: next((r for r in records if r["method"] == ZERO_SHOT_SCORER), None)
     regions = {}
     for source, target, extra in tqdm(pairs, desc="zero-shot pairs", unit="pair", disable=None):
         runner.datasets.setdefault(source.name, source)
@@ -119,8 +121,8 @@ def zero_shot(runner: Runner, humob_paths: dict[str, str | DataConfig] | None = 
 
             def compute(job_dir: Path, cfg=cfg, source=source, target=target, extra=extra) -> dict[str, Any]:
                 model = runner.trained_model(cfg, source, name=slug(method, source.name, "zero_shot_source"))
-                metrics = transfer_metrics(cfg, runner.runs_dir / model["dir"], source.windows, target.windows)
-                details = {"metrics": metrics, "model_dir": model["dir"], "source_test": model["test"]}
+                ranked = transfer_ranks(cfg, runner.runs_dir / model["dir"], source.windows, target.windows)
+                details = {**ranked_output(ranked), "model_dir": model["dir"], "source_test": model["test"]}
                 if "split" in extra:
                     details["region"] = extra["split"]().summary()
                 return details

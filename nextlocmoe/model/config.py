@@ -127,7 +127,8 @@ class ModelConfig:
     ranking_dim: int = 256           # width of candidate embeddings and of the query (ours)
     ranking_fourier_features: int = 64  # random Fourier frequencies of candidate coordinates (ours)
     ranking_fourier_max_scale: float = 128.0  # highest frequency, cycles per std of the city (ours)
-    ranking_id_embedding: bool = True  # a learned embedding per candidate (ours; resolves dense venues)
+    ranking_id_embedding: bool = False  # a learned embedding per candidate (ours): off, it did not help on
+                                     # validation and is half the New York head's parameters (docs §3.6)
     ranking_pointer: bool = True     # ours: mix the candidate softmax with a copy distribution over the window's own
                                      # places (model/pointer.py); starts ranking like the window's most frequent place
     pointer_dim: int = 64            # width of the copy attention's queries and keys (ours)

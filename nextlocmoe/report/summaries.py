@@ -21,6 +21,7 @@ import math
 
 import pandas as pd
 
+PAIRED_ALPHA = 0.05        # a paired test's p below this is "beyond noise"
 INDICATIVE_FRACTION = 0.1   # a row with n < this x the dataset's largest n is indicative only, never ranked
 
 # experiment -> how its table is worded; any other experiment (supervised, zero_shot, a new one) is "ranking"
@@ -108,11 +109,15 @@ def summarize(table: pd.DataFrame, experiment: str, metrics: tuple[str, ...] = (
             kinds = [k for _, k, _ in col.index]
             parts = [f"best {labels[0]} ({col.iloc[0]:.3f})"]
             best_baseline = next((i for i, k in enumerate(kinds) if k == "baseline"), None)
+            reference = _paired_reference(wide)
             for method in ours:
                 if method in labels:
                     i = labels.index(method)
                     gap = ""
-                    if best_baseline is not None:
+                    paired = _paired(wide, col.index[i], metric)
+                    if paired is not None and reference is not None:
+                        gap = f", {paired} vs {_label(reference[0], reference[2])}"
+                    elif best_baseline is not None:
                         difference = col.iloc[i] - col.iloc[best_baseline]
                         noise = _noise(intervals_overlap(_interval(wide, col.index[i], metric),
                                                          _interval(wide, col.index[best_baseline], metric)),
@@ -127,6 +132,27 @@ def summarize(table: pd.DataFrame, experiment: str, metrics: tuple[str, ...] = (
     return "\n".join(lines) + "\n"
 
 
+def _paired_reference(wide: pd.DataFrame) -> tuple | None:
+    """The row a dataset's paired tests compare with (metric "paired_reference" = 1), or None."""
+    if "paired_reference" not in wide.columns:
+        return None
+    keys = wide.index[wide["paired_reference"] == 1]
+    return keys[0] if len(keys) else None
+
+
+def _paired(wide: pd.DataFrame, key: tuple, metric: str) -> str | None:
+    """"-0.004 (paired 95% [-0.021, +0.013], p = 0.71, within noise)" for row `key`, or None without a paired
+    test. "beyond noise" only where p < 0.05 (exact McNemar for Hit@k, paired bootstrap for MRR)."""
+    columns = [f"paired_{metric}{s}" for s in ("", "_lo", "_hi", "_p")]
+    if not all(c in wide.columns for c in columns):
+        return None
+    d, lo, hi, p = (float(wide.loc[key, c]) for c in columns)
+    if not math.isfinite(d):
+        return None
+    verdict = "beyond noise" if p < PAIRED_ALPHA else "within noise"
+    return f"{d:+.3f} (paired 95% [{lo:+.3f}, {hi:+.3f}], p = {p:.2g}, {verdict})"
+
+
 def _label(method: str, variant: str) -> str:
     return method if variant in ("default", "zero-shot") else f"{method} [{variant}]"
 
@@ -139,11 +165,17 @@ def _ablation_line(dataset: str, wide: pd.DataFrame, metric: str, indicative: di
     full = full_rows[metric].iloc[0]
     full_interval = _interval(wide, full_key, metric)
     others = wide[metric].drop(index="full", level="variant").sort_values()
-    changes, beyond, judged = [], [], False
+    changes, beyond, judged, paired_any = [], [], False, False
     for key, value in others.items():
         text = f"{key[2]} {value - full:+.3f}"
+        paired = _paired(wide, key, metric)
         if key in indicative:
             text += f" (indicative, n = {indicative[key]:,})"
+        elif paired is not None:
+            judged = paired_any = True
+            text = f"{key[2]} {paired}"
+            if "beyond noise" in paired:
+                beyond.append(key[2])
         else:
             overlap = intervals_overlap(_interval(wide, key, metric), full_interval)
             if overlap is not None:
@@ -154,9 +186,11 @@ def _ablation_line(dataset: str, wide: pd.DataFrame, metric: str, indicative: di
         changes.append(text)
     line = (f"- **{dataset}**, {metric_name(metric)} of the full model {full:.3f}; change per variant "
             f"(lowest first): " + ", ".join(changes) + ".")
+    rule = "paired test on the same windows, p < 0.05" if paired_any else "95% intervals do not overlap"
+    calm = "paired tests on the same windows, every p >= 0.05" if paired_any else "the 95% intervals overlap"
     if judged:
-        line += (f" Beyond noise (95% intervals do not overlap): {', '.join(beyond)}." if beyond else
-                 " Every change is within noise (the 95% intervals overlap).")
+        line += (f" Beyond noise ({rule}): {', '.join(beyond)}." if beyond else
+                 f" Every change is within noise ({calm}).")
     return line
 
 
