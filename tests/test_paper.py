@@ -24,10 +24,13 @@ def test_supervised_verdicts_follow_the_intervals():
         + rows("nextlocmoe", "paper method", "nyc", "default", 0.01, 0.02)
         + rows("nextlocmoe_ranking", "extension", "nyc", "default", 0.30, 0.51))
     frame = paper_comparison(table, "supervised").set_index("claim")
-    assert frame.loc["NextLocMoE beats every baseline (nyc, Hit@1)", "verdict"].startswith("supported")
-    assert frame.loc["NextLocMoE beats every baseline (nyc, Hit@1)", "ours"] == \
-        "nextlocmoe_ranking 0.300 vs user_most_frequent 0.200"
-    assert frame.loc["NextLocMoE beats every baseline (nyc, Hit@10)", "verdict"].startswith("not supported: within")
+    ranking, paper = "NextLocMoE (our ranking head) beats every baseline", "NextLocMoE (the paper's head) beats every baseline"
+    assert frame.loc[f"{ranking} (nyc, Hit@1)", "verdict"] == \
+        "supported (difference +0.100; 95% intervals apart, no paired test)"
+    assert frame.loc[f"{ranking} (nyc, Hit@1)", "ours"] == "nextlocmoe_ranking 0.300 vs user_most_frequent 0.200"
+    assert frame.loc[f"{ranking} (nyc, Hit@10)", "verdict"].startswith("not supported: within")
+    # the paper's own method is judged too, not only the best of the two heads
+    assert frame.loc[f"{paper} (nyc, Hit@1)", "verdict"].startswith("contradicted: difference -0.190")
     assert frame.loc["Hit@1 of NextLocMoE (regression head + KD-tree), nyc", "verdict"].startswith("cannot test")
     worse = pd.DataFrame(rows("user_most_frequent", "baseline", "nyc", "default", 0.50, 0.50)
                          + rows("nextlocmoe_ranking", "extension", "nyc", "default", 0.30, 0.49))
@@ -40,7 +43,7 @@ def test_ablation_rows_missing_from_the_plan_cannot_be_tested():
                          + rows("nextlocmoe_ranking", "ablation", "nyc", "no_location_moe", 0.1, 0.30))
     frame = paper_comparison(table, "ablations")
     moe = frame[frame["claim"].str.contains("Location Semantics")].iloc[0]
-    assert moe["verdict"] == "supported (full - without +0.200)"
+    assert moe["verdict"] == "supported (full - without +0.200; 95% intervals apart, no paired test)"
     others = frame[~frame["claim"].str.contains("Location Semantics")]
     assert len(others) == 2 and (others["verdict"].str.startswith("cannot test")).all()
 
@@ -59,3 +62,19 @@ def test_unknown_experiment_and_bad_table_raise_clear_errors():
         paper_comparison(pd.DataFrame(), "routing")
     with pytest.raises(ConfigError, match="lacks columns"):
         paper_comparison(pd.DataFrame({"method": []}), "supervised")
+
+
+def test_a_paired_test_decides_where_the_table_has_one_for_the_two_rows():
+    """Intervals apart (0.50 vs 0.30, half-width 0.02) but a paired p of 0.2: the paired test decides; its sign is
+    turned when the claim's row is the reference (full - without, the test stored on the variant's row)."""
+    def paired(d, lo, hi, p):
+        return [{"method": "nextlocmoe_ranking", "kind": "ablation", "dataset": "nyc", "variant": "no_location_moe",
+                 "metric": f"paired_hit@10{s}", "value": v} for s, v in (("", d), ("_lo", lo), ("_hi", hi), ("_p", p))]
+    reference = [{"method": "nextlocmoe_ranking", "kind": "extension", "dataset": "nyc", "variant": "full",
+                  "metric": "paired_reference", "value": 1.0}]
+    base = rows("nextlocmoe_ranking", "extension", "nyc", "full", 0.2, 0.50) \
+        + rows("nextlocmoe_ranking", "ablation", "nyc", "no_location_moe", 0.1, 0.30) + reference
+    verdict = paper_comparison(pd.DataFrame(base + paired(-0.2, -0.5, 0.1, 0.2)), "ablations")["verdict"].iloc[0]
+    assert verdict == "not supported: within noise (full - without +0.200, paired 95% [-0.100, +0.500], p = 0.2)"
+    verdict = paper_comparison(pd.DataFrame(base + paired(-0.2, -0.25, -0.15, 1e-4)), "ablations")["verdict"].iloc[0]
+    assert verdict == "supported (full - without +0.200, paired 95% [+0.150, +0.250], p = 0.0001)"
