@@ -235,8 +235,10 @@ def test_zero_shot_pairs_and_variants():
 
 ABLATION_ROWS = [
     ("nextlocmoe", "paper method", "synthetic", "full", {"hit@10": 0.25, "dist_median_m": 1600.0}),
-    ("nextlocmoe", "ablation", "synthetic", "no_location_moe", {"hit@10": 0.5, "dist_median_m": 1300.0}),
-    ("nextlocmoe", "ablation", "synthetic", "no_personalized_moe", {"hit@10": 0.125, "dist_median_m": 1800.0}),
+    ("nextlocmoe", "ablation", "synthetic", "no_location_moe", {"hit@10": 0.5, "dist_median_m": 1300.0,
+                                                                "paired_hit@10_p": 0.001}),
+    ("nextlocmoe", "ablation", "synthetic", "no_personalized_moe", {"hit@10": 0.125, "dist_median_m": 1800.0,
+                                                                    "paired_hit@10_p": 0.3}),
     ("nextlocmoe", "ablation", "synthetic", "topk_routing", {"hit@10": 0.25, "dist_median_m": 1600.0}),
 ]
 
@@ -253,11 +255,13 @@ def test_ablation_bars_and_printed_differences():
     assert labels[0] == "full" and ax.get_yticklabels()[0].get_fontweight() == "bold"
     texts = {round(t.get_position()[1]): t for t in ax.texts}
     assert "reference" in texts[0].get_text()
-    assert "Δ +0.25" in texts[1].get_text()           # 0.5 - 0.25
-    assert "Δ -0.125" in texts[2].get_text()          # 0.125 - 0.25
-    assert "Δ +0" in texts[3].get_text()
-    green, red = to_rgba("#1a7f37"), to_rgba("#b42318")
-    assert to_rgba(texts[1].get_color()) == green and to_rgba(texts[2].get_color()) == red
+    assert "Δ +0.25, p = 0.001" in texts[1].get_text()          # 0.5 - 0.25
+    assert "Δ -0.125, p = 0.3" in texts[2].get_text()           # 0.125 - 0.25
+    assert "Δ +0)" in texts[3].get_text()                       # no paired test: no p
+    # colour only where the paired test says beyond noise: a large drop with p = 0.3 stays grey
+    green, grey = to_rgba("#1a7f37"), to_rgba("0.3")
+    assert [to_rgba(texts[i].get_color()) for i in (1, 2, 3)] == [green, grey, grey]
+    assert fig.get_suptitle().startswith("Ablations of NextLocMoE (nextlocmoe): Hit@10")   # the title names the head
     # the full model is marked by a line at its value
     assert any(np.allclose(line.get_xdata(), 0.25) for line in ax.lines)
 
@@ -266,7 +270,7 @@ def test_ablations_lower_is_better_for_distances_and_errors():
     fig = plots.plot_ablations(tidy("ablations", ABLATION_ROWS), metric="dist_median_m")
     (ax,) = data_axes(fig)
     texts = {round(t.get_position()[1]): t for t in ax.texts}
-    assert "Δ -300" in texts[1].get_text() and to_rgba(texts[1].get_color()) == to_rgba("#1a7f37")
+    assert "Δ -300" in texts[1].get_text() and to_rgba(texts[1].get_color()) == to_rgba("0.3")   # no paired test
     assert "(m)" in ax.get_xlabel()
     table = tidy("ablations", ABLATION_ROWS)
     with pytest.raises(ConfigError, match="'full'"):

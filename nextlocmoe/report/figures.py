@@ -47,6 +47,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from ..data.schema import FUNCTIONS, UNKNOWN_FUNCTION
 from ..errors import ConfigError
 from ..results import TIDY_COLUMNS, is_interval_metric
+from .summaries import PAIRED_ALPHA
 from .canvas import (SeriesKey, bold_legend, dodged_bars, draw_errorbars, fmt_number, interval_errors,
                      interval_handle, legend_handles, legend_ncols, new_figure, plane_axes, require_columns,
                      require_metrics, save_figure, series_keys, series_styles, spans_decades, styled, thousands,
@@ -399,7 +400,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
                           f"pass the metric itself, e.g. '{metric[:-3]}'")
     t = tidy(table, "plot_ablations")
     require_metrics(t, [metric], "plot_ablations")
-    bounds = t[t["metric"].isin([f"{metric}_lo", f"{metric}_hi"])]
+    bounds = t[t["metric"].isin([f"{metric}_lo", f"{metric}_hi", f"paired_{metric}_p"])]
     bounds = bounds.groupby(["dataset", "method", "variant", "metric"], sort=False)["value"].first()
     t = t[t["metric"] == metric]
     if reference not in set(t["variant"]):
@@ -437,6 +438,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
         if drawn.any():
             draw_errorbars(ax, widths[drawn], y[drawn], err[:, drawn], f"{dataset}|interval", vertical=False)
             with_intervals = True
+        method_of, variant_of = list(d["method"]), list(d["variant"])
         ends = np.where(drawn, hi, widths)                                     # where a bar's drawing ends
         span = float(np.nanmax(ends)) if np.isfinite(ends).any() else 1.0
         for yi, value, end, r in zip(y, widths, ends, is_ref):
@@ -448,8 +450,10 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
             else:
                 diff = value - ref_value
                 better = diff < 0 if lower else diff > 0
-                color = "#1a7f37" if better and diff != 0 else "#b42318" if diff != 0 else "0.3"
-                text = f"{fmt_number(value)}  (Δ {diff:+.3g})"
+                p = float(bounds.get((dataset, method_of[yi], variant_of[yi], f"paired_{metric}_p"), np.nan))
+                beyond = np.isfinite(p) and p < PAIRED_ALPHA          # colour only what a paired test shows
+                color = ("#1a7f37" if better else "#b42318") if beyond and diff != 0 else "0.3"
+                text = f"{fmt_number(value)}  (Δ {diff:+.3g}" + (f", p = {p:.2g})" if np.isfinite(p) else ")")
             ax.text(end + 0.01 * span, yi, text, va="center", fontsize=9, color=color)
         ax.set_yticks(y, labels)
         for tick, r in zip(ax.get_yticklabels(), is_ref):
@@ -463,14 +467,17 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
     handles = [Patch(facecolor=NEXTLOCMOE_RED, edgecolor="black", label=f"'{reference}' model (reference)"),
                Patch(facecolor="#9fb3c8", edgecolor="black", hatch=KIND_HATCHES["ablation"],
                      label="ablated variant (kind: ablation)"),
-               Line2D([], [], color="#1a7f37", marker="s", linestyle="", label="Δ better than reference"),
-               Line2D([], [], color="#b42318", marker="s", linestyle="", label="Δ worse than reference")]
+               Line2D([], [], color="#1a7f37", marker="s", linestyle="", label="Δ better, paired p < 0.05"),
+               Line2D([], [], color="#b42318", marker="s", linestyle="", label="Δ worse, paired p < 0.05"),
+               Line2D([], [], color="0.3", marker="s", linestyle="", label="Δ within noise (or no paired test)")]
     if with_intervals:
         handles.append(interval_handle(vertical=False))
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
                ncols=legend_ncols([str(h.get_label()) for h in handles], fig.get_figwidth()))
     direction = "lower is better" if lower else "higher is better"
-    fig.suptitle(f"Ablations of NextLocMoE: {metric_label(metric)} per variant vs the full model ({direction})")
+    heads = ", ".join(dict.fromkeys(t["method"]))
+    fig.suptitle(f"Ablations of NextLocMoE ({heads}): {metric_label(metric)} per variant vs the full model "
+                 f"({direction})")
     return fig
 
 
