@@ -10,6 +10,7 @@ knows each venue's category, so this module compares what the gates do with the 
     expert_activation_by_role        mean P-MoE gate probability / selection rate per (true role, layer, expert)
     function_gate_by_category        mean Location-MoE gate probability per (true category, function expert)
     active_experts_per_token         how many role experts threshold routing keeps per token
+    kept_mass_per_token              how much gate probability those experts hold (threshold or cap reached)
     entropy_over_training            gate entropies per training batch (steps.csv), smoothed
     routing_alignment                NMI(true role, top expert) per layer; function-expert accuracy vs chance
     prediction_sample                target, predicted point, retrieved place and error per window (maps)
@@ -306,6 +307,30 @@ def active_experts_per_token(sample: RoutingSample) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "token_kind", "n_active", "tokens", "share"])
 
 
+def kept_mass_per_token(sample: RoutingSample, bins: int = 20) -> pd.DataFrame:
+    """Distribution of the probability mass routing keeps per token (the sum of the kept experts' gate
+    probabilities, which the mixture does not renormalise), per P-MoE layer and token kind, in `bins` equal bins of
+    [0, 1]. Threshold routing stops at the threshold (0.8) or at the cap of experts, so where every token keeps
+    the cap this shows how far below the threshold they stop. Columns: layer, token_kind, mass_lo, mass_hi,
+    tokens, share (sums to 1 per layer and kind)."""
+    _require_pmoe(sample, "kept_mass_per_token")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ConfigError(f"bins={bins!r} is invalid; expected an integer >= 1")
+    mass = (sample.pmoe_probs * sample.pmoe_selected).sum(-1)                              # (W, P, T)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for p, layer in enumerate(sample.pmoe_layers):
+        for kind in TOKEN_KINDS:
+            tokens = sample.token_kind == kind
+            if not tokens.any():
+                continue
+            values = np.clip(mass[:, p, tokens].reshape(-1), 0.0, 1.0)                      # (W * T_kind,)
+            counts, _ = np.histogram(values, bins=edges)
+            rows += [{"layer": int(layer), "token_kind": kind, "mass_lo": float(lo), "mass_hi": float(hi),
+                      "tokens": int(c), "share": c / len(values)} for lo, hi, c in zip(edges, edges[1:], counts)]
+    return pd.DataFrame(rows, columns=["layer", "token_kind", "mass_lo", "mass_hi", "tokens", "share"])
+
+
 def entropy_over_training(run_dir: str | os.PathLike, smooth: int = 20) -> pd.DataFrame:
     """Mean gate entropies (nats) per training batch, from run_dir/steps.csv written by train().
 
@@ -551,8 +576,8 @@ def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
         role_alignment=role, function_alignment=fn))
 
 
-ROUTING_TABLES = ("routing_roles", "routing_functions", "routing_active_experts", "routing_entropy",
-                  "routing_predictions")
+ROUTING_TABLES = ("routing_roles", "routing_functions", "routing_active_experts", "routing_kept_mass",
+                  "routing_entropy", "routing_predictions")
 
 
 def write_routing_tables(tables: dict[str, pd.DataFrame], profile: str, results_dir: str | os.PathLike = "results",

@@ -491,3 +491,29 @@ def test_prediction_sample(regression_run, ranking_run):
     assert ranking[["pred_x", "pred_y"]].isna().all().all()
     with pytest.raises(ConfigError, match="n="):
         prediction_sample(s, n=0)
+
+
+def test_kept_mass_per_token_against_a_loop():
+    """The mass of the kept experts per token, binned, equals a plain loop over windows, layers and tokens."""
+    from nextlocmoe.analysis import kept_mass_per_token
+
+    rng = np.random.default_rng(3)
+    base = hand_sample()
+    probs = rng.dirichlet(np.ones(3), size=base.pmoe_probs.shape[:3]).astype(np.float32)   # (W, P, T, E)
+    selected = rng.random(probs.shape) < 0.5
+    sample = dataclasses.replace(base, pmoe_probs=probs, pmoe_selected=selected)
+    df = kept_mass_per_token(sample, bins=4)
+    assert df.groupby(["layer", "token_kind"])["share"].sum().to_numpy() == pytest.approx(1.0)
+    for p, layer in enumerate(sample.pmoe_layers):
+        for kind in ("history", "current"):
+            counts = [0, 0, 0, 0]
+            for w in range(probs.shape[0]):
+                for t, k in enumerate(sample.token_kind):
+                    if k == kind:
+                        mass = sum(float(probs[w, p, t, e]) for e in range(3) if selected[w, p, t, e])
+                        counts[min(int(mass * 4), 3)] += 1
+            got = df[(df["layer"] == layer) & (df["token_kind"] == kind)].sort_values("mass_lo")["tokens"]
+            assert got.tolist() == counts
+    assert set(df["token_kind"]) == {"history", "current"}               # no prompt tokens in this sample
+    with pytest.raises(ConfigError, match="bins"):
+        kept_mass_per_token(sample, bins=0)

@@ -501,19 +501,33 @@ def test_active_expert_bars_and_means():
     with pytest.raises(ConfigError, match="token_kind"):
         plots.plot_active_experts(pd.DataFrame(rows).drop(columns="token_kind"))
 
+    # with the kept mass: a second row of panels, one step line per token kind, the threshold marked
+    mass = pd.DataFrame([{"layer": layer, "token_kind": kind, "mass_lo": lo, "mass_hi": lo + 0.5, "tokens": 1,
+                          "share": 0.5} for layer in (8, 10) for kind in ("history", "current") for lo in (0.0, 0.5)])
+    fig = plots.plot_active_experts(pd.DataFrame(rows), kept_mass=mass, threshold=0.8, title="routing of nextlocmoe_ranking on nyc")
+    check_readable(fig)
+    assert len(data_axes(fig)) == 4 and fig.get_suptitle() == "routing of nextlocmoe_ranking on nyc"
+    lower = data_axes(fig)[2]
+    assert {a.get_gid() for a in lower.patches} == {"8|history|mass", "8|current|mass"}
+    assert any(np.allclose(line.get_xdata(), 0.8) for line in lower.lines)
+
 
 def test_routing_entropy_lines_epochs_and_uniform_levels():
     steps = np.arange(1, 13)
     df = pd.DataFrame({"step": steps, "epoch": np.repeat([1, 2, 3], 4),
                        "pmoe_entropy": np.linspace(2.3, 1.0, 12), "location_entropy": np.nan,
                        "pmoe_entropy_smooth": np.linspace(2.2, 1.1, 12), "location_entropy_smooth": np.nan})
-    fig = plots.plot_routing_entropy(df)
+    fig = plots.plot_routing_entropy(df, title="nextlocmoe_ranking on nyc")
     check_readable(fig)
+    assert "(nextlocmoe_ranking on nyc)" in fig.get_suptitle()
     (ax,) = data_axes(fig)
     labels = [line.get_label() for line in ax.lines]
     assert not any("Location" in label for label in labels)       # all-NaN entropy is left out
-    smooth = next(line for line in ax.lines if line.get_label().startswith("Personalized"))
+    lines = {line.get_label(): line for line in ax.lines}
+    smooth, raw = lines["Personalized MoE (role gate), smoothed"], lines["Personalized MoE (role gate), per batch"]
     assert list(smooth.get_ydata()) == pytest.approx(list(np.linspace(2.2, 1.1, 12)))
+    assert list(raw.get_ydata()) == pytest.approx(list(np.linspace(2.3, 1.0, 12)))     # in the legend, visible
+    assert raw.get_marker() == "."
     uniform = next(line for line in ax.lines if line.get_label().startswith("uniform over 11"))
     assert uniform.get_ydata()[0] == pytest.approx(math.log(11))
     boundaries = sorted(float(line.get_xdata()[0]) for line in ax.lines if line.get_linestyle() == "--")

@@ -138,18 +138,29 @@ def plot_function_gate_heatmap(df: pd.DataFrame) -> Figure:
 
 
 @styled
-def plot_active_experts(df: pd.DataFrame) -> Figure:
-    """How many role experts routing keeps per token (analysis.active_experts_per_token), one panel per layer.
+def plot_active_experts(df: pd.DataFrame, kept_mass: pd.DataFrame | None = None, threshold: float | None = 0.8,
+                        title: str | None = None) -> Figure:
+    """How many role experts routing keeps per token (analysis.active_experts_per_token), one panel per layer;
+    with `kept_mass` (analysis.kept_mass_per_token) a second row shows the probability those experts hold, with
+    routing's `threshold` marked: a token stops at the threshold or at the cap of experts, and where every token
+    keeps the cap the first row is one bar and the second says why.
 
     df  layer, token_kind, n_active, tokens, share. Bars: share of tokens of a kind (prompt/history/current)
         that kept exactly n_active experts; the legend gives each kind's mean number of active experts.
+    title  names the model and dataset (suptitle)
     """
     require_columns(df, ["layer", "token_kind", "n_active", "tokens", "share"], "plot_active_experts")
+    if kept_mass is not None:
+        require_columns(kept_mass, ["layer", "token_kind", "mass_lo", "mass_hi", "share"], "plot_active_experts")
     layers = sorted(df["layer"].unique())
     kinds = ordered(df["token_kind"], list(TOKEN_KIND_COLORS))
     values = sorted(int(v) for v in df["n_active"].unique())
-    fig = new_figure((min(11.0, 2.5 + 4.2 * len(layers)), 5.2))
-    axes = np.atleast_1d(fig.subplots(1, len(layers), sharey=True, squeeze=False)[0])
+    n_rows = 1 if kept_mass is None else 2
+    fig = new_figure((min(11.0, 2.5 + 4.2 * len(layers)), 5.2 if n_rows == 1 else 7.0))
+    grid = fig.subplots(n_rows, len(layers), squeeze=False)
+    axes = np.atleast_1d(grid[0])
+    for ax in axes[1:]:
+        ax.sharey(axes[0])
     for ax, layer in zip(axes, layers):
         d = df[df["layer"] == layer]
         per_kind = {kind: k.drop_duplicates("n_active").set_index("n_active")
@@ -171,18 +182,36 @@ def plot_active_experts(df: pd.DataFrame) -> Figure:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     axes[0].set_ylabel("share of tokens (0-1)")
     axes[0].set_ylim(0, 1.05)
-    fig.suptitle("Personalized MoE routing: number of active role experts per token")
+    if kept_mass is not None:
+        for ax, layer in zip(grid[1], layers):
+            d = kept_mass[kept_mass["layer"] == layer]
+            for kind in [k for k in kinds if k in set(d["token_kind"])]:
+                k = d[d["token_kind"] == kind].sort_values("mass_lo")
+                edges = np.append(k["mass_lo"].to_numpy(dtype=float), float(k["mass_hi"].iloc[-1]))
+                ax.stairs(k["share"].to_numpy(dtype=float), edges, label=f"{kind} tokens", linewidth=1.8,
+                          color=TOKEN_KIND_COLORS.get(kind, method_color(str(kind))), gid=f"{layer}|{kind}|mass")
+            if threshold is not None:
+                ax.axvline(threshold, color="black", linestyle="--", linewidth=1.0,
+                           label=f"routing threshold {threshold:g}")
+            ax.set(xlim=(0, 1), title=f"layer {layer}: gate probability the kept experts hold",
+                   xlabel="kept mass per token (0-1)")
+            ax.grid(alpha=0.3)
+            ax.set_axisbelow(True)
+            ax.legend(loc="upper left", frameon=False)
+        grid[1][0].set_ylabel("share of tokens (0-1)")
+    fig.suptitle(title or "Personalized MoE routing: number of active role experts per token")
     return fig
 
 
 @styled
 def plot_routing_entropy(df: pd.DataFrame, n_role_experts: int | None = 11,
-                         n_function_experts: int | None = 5) -> Figure:
+                         n_function_experts: int | None = 5, title: str | None = None) -> Figure:
     """Gate entropies over training (analysis.entropy_over_training), in nats, epochs marked.
 
     df  step, epoch, pmoe_entropy, location_entropy, pmoe_entropy_smooth, location_entropy_smooth; raw values
         thin, smoothed thick; an all-NaN entropy (module switched off) is left out.
     n_role_experts / n_function_experts  draw the entropy of a uniform gate, ln(E) (None hides it).
+    title  the model and dataset, in the suptitle
     """
     columns = ["step", "epoch", "pmoe_entropy", "location_entropy", "pmoe_entropy_smooth", "location_entropy_smooth"]
     require_columns(df, columns, "plot_routing_entropy")
@@ -196,8 +225,9 @@ def plot_routing_entropy(df: pd.DataFrame, n_role_experts: int | None = 11,
         raw = pd.to_numeric(d[name], errors="coerce")
         if not np.isfinite(raw).any():
             continue
-        ax.plot(d["step"], raw, color=color, alpha=0.3, linewidth=0.8)
-        ax.plot(d["step"], d[f"{name}_smooth"], color=color, linewidth=2.2, label=f"{label}, smoothed")
+        ax.plot(d["step"], raw, color=color, alpha=0.45, linewidth=1.0, marker=".", markersize=4,
+                label=f"{label}, per batch")
+        ax.plot(d["step"], d[f"{name}_smooth"], color=color, linewidth=2.2, alpha=0.8, label=f"{label}, smoothed")
         if experts:
             ax.axhline(math.log(experts), color=color, linestyle=":", linewidth=1.2,
                        label=f"uniform over {experts} experts: ln {experts} = {math.log(experts):.2f}")
@@ -212,7 +242,7 @@ def plot_routing_entropy(df: pd.DataFrame, n_role_experts: int | None = 11,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, frameon=False)
     ax.grid(alpha=0.3)
-    fig.suptitle("Routing entropy over training (thin: per batch; lower = more confident routing)")
+    fig.suptitle(f"Routing entropy over training{f' ({title})' if title else ''}: lower = more confident routing")
     return fig
 
 
