@@ -231,3 +231,13 @@ def split_training_curves(curves: pd.DataFrame) -> dict[str, tuple[pd.DataFrame,
                  .reset_index(drop=True) for t in ("epoch", "step")]
         out[method] = (parts[0], parts[1])
     return out
+
+
+def training_floor_table(curves: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """results/training_curves.csv -> {method: its training-free floors on the run's validation windows} (rows of
+    table "floor": floor, val_<metric>); a file written before the floors were added gives {}."""
+    if "table" not in curves.columns or "floor" not in curves.columns:
+        return {}
+    floors = curves[curves["table"] == "floor"]
+    return {method: rows.drop(columns=["method", "dataset", "table"]).dropna(axis=1, how="all").reset_index(drop=True)
+            for method, rows in floors.groupby("method", sort=False)}

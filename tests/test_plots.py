@@ -402,6 +402,18 @@ def test_training_curves_lines_and_epoch_marks():
     ax_val = data_axes(plots.plot_training_curves(start, steps))[1]
     best = next(line for line in ax_val.lines if line.get_label().startswith("best: the untrained start"))
     assert best.get_xdata()[0] == 0 and "training windows" in ax_val.get_xlabel()
+    # floors on the same validation windows: a line per floor at its Hit@1 and Hit@10, the axis reaching them;
+    # a regression run (train_distance_m) gets the median-error panel with the floors' errors
+    floors = pd.DataFrame([{"floor": "window_time", "val_hit@1": 0.6, "val_hit@10": 0.9, "val_dist_median_m": 800.0}])
+    regression = start.assign(train_distance_m=100.0, val_dist_median_m=[900.0, 950.0, 1000.0, 990.0])
+    fig = plots.plot_training_curves(regression, steps, floors=floors)
+    check_readable(fig)
+    ax_val, ax_dist = data_axes(fig)[1:]
+    levels = sorted(float(line.get_ydata()[0]) for line in ax_val.lines if list(line.get_xdata()) == [0, 1])
+    assert levels == [0.6, 0.9] and ax_val.get_ylim()[1] >= 0.9
+    assert "floor: window_time (Hit@1, Hit@10)" in [line.get_label() for line in ax_val.lines]
+    assert list(ax_dist.lines[0].get_ydata()) == [900.0, 950.0, 1000.0, 990.0]
+    assert ax_dist.lines[1].get_ydata()[0] == 800.0 and "(m)" in ax_dist.get_ylabel()
 
 
 def test_training_curves_without_steps_and_errors():

@@ -159,6 +159,18 @@ def test_training_table_bytes_are_the_same_cold_and_warm(tmp_path):
         written.append({k: paths[k].read_bytes() for k in ("csv", "md")})
         written[-1]["curves"] = (tmp_path / state / "training_curves.csv").read_bytes()
     assert written[0] == written[1]
+    # the floors are the baselines on the run's own validation windows
+    from nextlocmoe.baselines import evaluate_baseline, make_baseline
+    from nextlocmoe.results import read_table, training_floor_table
+    from nextlocmoe.runs import limited
+
+    floors = training_floor_table(read_table(tmp_path / "warm", "training_curves"))
+    m = models["nextlocmoe"]
+    w = limited(m.windows, m.config)
+    row = floors["nextlocmoe"].set_index("floor").loc["user_most_frequent"]
+    expected = evaluate_baseline(make_baseline("user_most_frequent").fit(w), w, "val")
+    assert row["val_hit@10"] == pytest.approx(expected["hit@10"]) and row["val_n"] == w.n_windows("val")
+    assert list(floors["nextlocmoe"]["floor"]) == ["last_location", "user_most_frequent", "window_time"]
 
 
 # ---------------------------------------------------------------------------------------------------------

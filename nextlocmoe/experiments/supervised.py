@@ -24,7 +24,9 @@ from ..metrics import metrics_table
 from ..results import markdown_table, write_results
 from .core import Runner, budget_text, run_config, slug
 from .methods import baseline_job, model_job
-from ..window_scorers import SCORERS
+from ..baselines import evaluate_baseline, make_baseline
+from ..runs import limited
+from ..window_scorers import SCORERS, make_scorer
 from .registry import get_method, register_experiment
 from .registry import methods as registered_methods
 
@@ -132,11 +134,26 @@ def plan_datasets(profile: str, *, cache_dir: str | os.PathLike = ".cache/window
     return {name: runner.dataset(name).windows for name in runner.plan.datasets}
 
 
+TRAINING_FLOORS = ("last_location", "user_most_frequent", "window_time")
+
+
+def training_floors(cfg: ExperimentConfig, windows: Windows) -> dict[str, dict[str, float]]:
+    """Validation metrics of the training-free floors on a run's own validation windows (`runs.limited`): the
+    current place (the regression head's start), the window's most frequent place and the tuned window_time
+    scorer (the ranking head's start); seconds, no training beyond their counts and the scorer's grid search on
+    the same validation split."""
+    w = limited(windows, cfg)
+    made = {"window_time": lambda: make_scorer("window_time")}
+    return {name: evaluate_baseline(made.get(name, lambda: make_baseline(name))().fit(w), w, "val")
+            for name in TRAINING_FLOORS}
+
+
 def write_training_summary(models: dict[str, TrainedModel], profile: str,
                            results_dir: str | os.PathLike = "results") -> dict[str, Path]:
     """results/training.{csv,md,json}: validation and test metrics, best epoch, parameters and wall time of the
-    models notebook 01 trains; and results/training_curves.{csv,md,json}: their per-epoch validation history and
-    per-batch training loss parts (the figures of notebook 01 are drawn from that file)."""
+    models notebook 01 trains; and results/training_curves.{csv,md,json}: their per-epoch validation history,
+    per-batch training loss parts and the training-free floors on the same validation windows (table "floor",
+    `training_floors`); the figures of notebook 01 are drawn from that file."""
     rows = []
     for method, m in models.items():
         extra = {"best_epoch": m.record["best_epoch"], "train_wall_s": m.record["train_wall_s"],
@@ -162,6 +179,10 @@ def write_training_summary(models: dict[str, TrainedModel], profile: str,
         for source, name in (("history.csv", "epoch"), ("steps.csv", "step")):
             frame = pd.read_csv(m.run_dir / source)
             curves.append(frame.assign(method=method, dataset=m.dataset, table=name))
+        floors = training_floors(m.config, m.windows)            # the same validation windows as the run's
+        curves.append(pd.DataFrame([{"floor": name, **{f"val_{k}": v for k, v in metrics.items()}}
+                                    for name, metrics in floors.items()]).assign(method=method, dataset=m.dataset,
+                                                                                 table="floor"))
     curves = pd.concat(curves, ignore_index=True)
     ids = ["method", "dataset", "table"]
     curves = curves[ids + [c for c in curves.columns if c not in ids]]

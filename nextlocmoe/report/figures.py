@@ -206,17 +206,25 @@ def plot_dataset_overview(data: Any, *, max_points: int = 60_000, seed: int = 0)
 # ---------------------------------------------------------------------------------------------------
 # 01: training
 
+FLOOR_STYLES = {"last_location": (0, (1, 1.5)), "user_most_frequent": "-.", "window_time": (0, (6, 2))}
+
+
 @styled
 def plot_training_curves(history: pd.DataFrame, steps: pd.DataFrame | None = None, *,
-                         title: str | None = None, smooth: int = 20) -> Figure:
+                         title: str | None = None, smooth: int = 20, floors: pd.DataFrame | None = None) -> Figure:
     """Training loss per batch (left) and validation Hit@1/5/10 per epoch (right) of one train() run.
 
     history  history.csv: epoch, val_hit@1, val_hit@5, val_hit@10 (train_loss is used when steps is None)
     steps    steps.csv: epoch, step, loss, and distance_m (regression head, metres) or cross_entropy (ranking
              head, nats); None draws history's per-epoch train_loss instead
     smooth   rolling-mean window (batches) drawn over the raw per-batch loss (at most a fifth of the run)
+    floors   the training-free floors on the same validation windows (results.training_floor_table): floor,
+             val_hit@1, val_hit@10, val_dist_median_m; drawn as horizontal lines in the Hit@k colours
 
-    The best validation point by Hit@10 (the one whose checkpoint is tested; 0 = the untrained start) is marked.
+    The best validation point by Hit@10 (the one whose checkpoint is tested; 0 = the untrained start) is marked;
+    Hit@1 and Hit@10 carry their 95% intervals as bands where the history has them. A regression run (its history
+    has train_distance_m) gets a third panel: the validation median distance error in metres, the metric that
+    moves, with the floors' median errors.
     """
     hits = ["val_hit@1", "val_hit@5", "val_hit@10"]
     require_columns(history, ["epoch", *hits], "plot_training_curves (history)")
@@ -225,8 +233,9 @@ def plot_training_curves(history: pd.DataFrame, steps: pd.DataFrame | None = Non
     elif "train_loss" not in history.columns:
         raise ConfigError("plot_training_curves: steps is None and history lacks column 'train_loss'; "
                           "pass steps.csv or a history with train_loss")
-    fig = new_figure((11, 4.8))
-    ax_loss, ax_val = fig.subplots(1, 2)
+    regression = "train_distance_m" in history.columns and "val_dist_median_m" in history.columns
+    fig = new_figure((11, 5.2))
+    ax_loss, ax_val, *ax_dist = fig.subplots(1, 3 if regression else 2)
 
     if steps is not None:
         s = steps.sort_values("step", kind="stable")
@@ -258,24 +267,49 @@ def plot_training_curves(history: pd.DataFrame, steps: pd.DataFrame | None = Non
         if len(history) <= 12:
             ax_loss.set_xticks(history["epoch"].to_numpy())
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.legend(loc="upper right")
+    ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
 
     h = history.sort_values("epoch", kind="stable")
     # x: training windows seen when the history has them (0 = the untrained start), else the epoch
     x_col = "train_windows" if "train_windows" in h.columns and h["train_windows"].notna().all() else "epoch"
-    for column, color, marker in zip(hits, ("#9ecae1", "#4292c6", "#08306b"), ("o", "s", "^")):
-        ax_val.plot(h[x_col], h[column], marker=marker, color=color, linewidth=1.8,
+    colors = dict(zip(hits, ("#9ecae1", "#4292c6", "#08306b")))
+    for column, marker in zip(hits, ("o", "s", "^")):
+        ax_val.plot(h[x_col], h[column], marker=marker, color=colors[column], linewidth=1.8,
                     label=metric_label(column.removeprefix("val_")))
+        if column != "val_hit@5" and {f"{column}_lo", f"{column}_hi"} <= set(h.columns):
+            ax_val.fill_between(h[x_col], h[f"{column}_lo"], h[f"{column}_hi"], color=colors[column], alpha=0.15,
+                                linewidth=0)
+    floor_rows = [] if floors is None else floors.to_dict("records")
+    for values in floor_rows:
+        style = FLOOR_STYLES.get(values["floor"], ":")
+        for column in ("val_hit@1", "val_hit@10"):
+            if np.isfinite(values.get(column, np.nan)):
+                ax_val.axhline(values[column], color=colors[column], linestyle=style, linewidth=1.3)
+        ax_val.plot([], [], color="0.35", linestyle=style, label=f"floor: {values['floor']} (Hit@1, Hit@10)")
     best = h.loc[h["val_hit@10"].idxmax()]
     best_name = "the untrained start" if int(best["epoch"]) == 0 else f"epoch {int(best['epoch'])}"
     ax_val.axvline(best[x_col], color=NEXTLOCMOE_RED, linestyle="--", linewidth=1.2,
                    label=f"best: {best_name} (Hit@10 {best['val_hit@10']:.3f})")
-    ax_val.set_ylim(0, max(0.05, float(h[hits].max().max()) * 1.15))
+    floor_top = max([float(v[k]) for v in floor_rows for k in ("val_hit@1", "val_hit@10") if np.isfinite(v.get(k, np.nan))],
+                    default=0.0)
+    ax_val.set_ylim(0, max(0.05, float(h[hits].max().max()) * 1.15, floor_top * 1.1))
     xlabel = "training windows seen (0 = untrained)" if x_col == "train_windows" else "epoch (0 = untrained)"
     ax_val.set(xlabel=xlabel, ylabel="validation Hit@k (fraction of windows)", title="Validation Hit@k per validation point")
     if len(h) <= 12:
         ax_val.set_xticks(h[x_col].to_numpy())
-    ax_val.legend(loc="best")
+    ax_val.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    if ax_dist:
+        ax = ax_dist[0]
+        ax.plot(h[x_col], h["val_dist_median_m"], marker="o", color=NEXTLOCMOE_RED, linewidth=1.8,
+                label="the model")
+        for values in floor_rows:
+            if np.isfinite(values.get("val_dist_median_m", np.nan)):
+                ax.axhline(values["val_dist_median_m"], color="0.35", linestyle=FLOOR_STYLES.get(values["floor"], ":"),
+                           linewidth=1.3, label=f"floor: {values['floor']}")
+        ax.set(xlabel=xlabel, ylabel="validation median error (m)", title="Median distance error")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+        ax.grid(alpha=0.3)
     fig.suptitle(title or "Training NextLocMoE: training loss per " + ("batch" if steps is not None else "epoch")
                  + " and validation accuracy per epoch")
     return fig
