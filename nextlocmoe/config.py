@@ -192,10 +192,10 @@ def _cpu() -> ExperimentConfig:
     # shared prompt, benchmarks/bench_model.py). Where the hour goes: the supervised table's six LLM-based models
     # (3 periods x 256 training windows each: three validation points on 250 windows, test on 2,000 windows, the
     # same 2,000 for every method, +-2 points at 95%); the ablations and the zero-shot models train on 320 windows
-    # once and test on 500 (their intervals are wide: read them as indicative); the classical baselines fit 4,096
+    # once and test on 2,000 too (paired tests against the full model / the transferred scorer); the classical baselines fit 4,096
     # training windows, the neural ones for at most 5 epochs with early stopping on validation. These are budget
     # numbers, not the paper's: the gpu profile trains on all windows.
-    small = {"max_train_windows": 320, "windows_per_epoch": None, "epochs": 1, "max_test_windows": 500}
+    small = {"max_train_windows": 320, "windows_per_epoch": None, "epochs": 1, "max_test_windows": 2000}
     return ExperimentConfig(
         profile="cpu",
         data=DataConfig(source="nyc_foursquare"),

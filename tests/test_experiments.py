@@ -336,10 +336,16 @@ def test_ablations_choose_the_head_by_validation_and_vary_one_thing(supervised_r
     assert choice["val_hit@10"] == pytest.approx(val)
     assert choice["head"] == ("ranking" if val["ranking"] > val["regression"] else "regression")
     variants = list(dict.fromkeys(result.table["variant"]))
-    assert variants == ["full", "no_location_moe", "experts_1", "depth_2"]
-    assert len({j["hash"] for j in result.jobs}) == 4 and result.trained == 3   # "full" is the supervised model
+    assert variants == ["full", "no_location_moe", "experts_1", "depth_2", "training-free floor"]
+    assert len({j["hash"] for j in result.jobs}) == 5 and result.trained == 3   # "full" is the supervised model
     kinds = result.table.drop_duplicates("variant").set_index("variant")["kind"]
     assert kinds["no_location_moe"] == "ablation" and kinds["full"] in ("paper method", "extension")
+    # the floor on the same test windows, and every other row paired against the full model
+    methods = result.table.drop_duplicates("variant").set_index("variant")["method"]
+    assert methods["training-free floor"] == "window_time" and kinds["training-free floor"] == "baseline"
+    assert stamp["decisions"]["paired_reference"] == {"synthetic": {"method": methods["full"], "variant": "full"}}
+    paired = set(result.table.loc[result.table["metric"] == "paired_hit@10_p", "variant"])
+    assert paired == {"no_location_moe", "experts_1", "depth_2", "training-free floor"}
 
 
 def test_depth_ablation_keeps_the_pmoe_layers_at_the_top_of_the_stack():

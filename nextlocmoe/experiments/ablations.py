@@ -23,7 +23,7 @@ from ..config import PlanConfig
 from ..model.config import ModelConfig
 from .core import Runner, budget_text, run_config, slug
 from .datasets import DatasetHandle
-from .methods import head_method, model_job
+from .methods import baseline_job, head_method, model_job
 from .registry import ABLATIONS, get_method, register_ablation, register_experiment
 
 Variants = dict[str, tuple[str, ModelConfig]]
@@ -160,6 +160,10 @@ def choose_ablation_head(runner: Runner, data: DatasetHandle) -> dict[str, Any]:
             "val_hit@10": val}
 
 
+ABLATION_FLOOR = "window_time"
+FLOOR_VARIANT = "training-free floor"
+
+
 @register_experiment("ablations", order=3, notebook="04_ablations.ipynb",
                      description="Ablations of NextLocMoE, every variant at the same budget.")
 def ablations(runner: Runner) -> list[str]:
@@ -176,6 +180,11 @@ def ablations(runner: Runner) -> list[str]:
         kind = get_method(method).kind if variant == "full" else "ablation"
         model_job(runner, method, data, cfg, variant=variant, kind=kind)
         descriptions[variant] = description
+    # the floor on the same test windows: the tuned scorer the ranking head starts from (paired like a variant)
+    floor_cfg = runner.job_config(data.config, runner.cfg.model, plan.ablation_train)
+    baseline_job(runner, get_method(ABLATION_FLOOR), data, floor_cfg, variant=FLOOR_VARIANT)
+    descriptions[FLOOR_VARIANT] = (f"{ABLATION_FLOOR}, the tuned training-free scorer the ranking head starts from, "
+                                   "on the same test windows (no training)")
     runner.decisions["variants"] = descriptions
     budget = budget_text(runner.job_config(data.config, runner.cfg.model, plan.ablation_train).train)
     return [f"Ablation head: {choice['head']} ({choice['rule']}).",
