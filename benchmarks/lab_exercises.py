@@ -86,9 +86,9 @@ def threshold(state: dict) -> None:
 
 @timed("4. train a small ranking model on the synthetic city (256 windows)")
 def small_training(out: Path) -> None:
-    command = ["nextlocmoe", "train", "--profile", "cpu", "--method", "nextlocmoe_ranking", "--dataset", "synthetic",
+    command = [sys.executable, "-m", "nextlocmoe", "train", "--profile", "cpu", "--method", "nextlocmoe_ranking", "--dataset", "synthetic",
                *SMALL, "--out", str(out)]
-    print(" ".join(command), flush=True)
+    print("nextlocmoe " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=True)
 
 

@@ -381,6 +381,9 @@ def test_paired_comparison_mcnemar_on_hand_made_cases():
     # identical methods: no discordant window, p = 1, a zero-width interval at 0
     same = paired_comparison(a, a, ks=(1, 10))
     assert same["hit@1_p"] == 1.0 and same["hit@1_lo"] == same["hit@1_hi"] == 0.0 and same["mrr_p"] == 1.0
+    # a difference no resample reverses: the bootstrap p is its floor 2 / (R + 1), never 0
+    clear = paired_comparison(np.ones(200, int), np.full(200, 50), ks=(1,), resamples=999)
+    assert clear["mrr_p"] == pytest.approx(2 / 1000) and clear["mrr_lo"] > 0
     # balanced discordance (3 each way): p = 1 (min(1, 2 P(X <= 3 | 6, 1/2)) = min(1, 1.3125))
     c = np.array([1, 1, 1, 9, 9, 9]); d = np.array([9, 9, 9, 1, 1, 1])
     assert paired_comparison(c, d, ks=(1,))["hit@1_p"] == 1.0

@@ -261,7 +261,16 @@ def test_ablation_bars_and_printed_differences():
     # colour only where the paired test says beyond noise: a large drop with p = 0.3 stays grey
     green, grey = to_rgba("#1a7f37"), to_rgba("0.3")
     assert [to_rgba(texts[i].get_color()) for i in (1, 2, 3)] == [green, grey, grey]
-    assert fig.get_suptitle().startswith("Ablations of NextLocMoE (nextlocmoe): Hit@10")   # the title names the head
+    assert fig.get_suptitle().startswith("Ablations of NextLocMoE (nextlocmoe)\nHit@10")   # the title names the head
+
+
+def test_ablation_floor_row_is_labelled_by_its_method_and_not_named_as_a_head():
+    rows = ABLATION_ROWS + [("window_time", "baseline", "synthetic", "training-free floor", {"hit@10": 0.3})]
+    fig = plots.plot_ablations(tidy("ablations", rows))
+    (ax,) = data_axes(fig)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "full" and labels[-1] == "window_time · training-free floor"   # head rows: variant only
+    assert "window_time" not in fig.get_suptitle().splitlines()[0]
     # the full model is marked by a line at its value
     assert any(np.allclose(line.get_xdata(), 0.25) for line in ax.lines)
 

@@ -115,7 +115,13 @@ def test_each_shipped_model_reproduces_its_committed_check(record_path):
     cfg = load_config("cpu")
     handle = named_handle(record["dataset"], cfg)
     assert json.loads(json.dumps(handle.fingerprint, default=str)) == record["data"], "trained on other data"
-    assert check_metrics(record_path.parent, handle.windows) == record["check"]["metrics"]
+    got, want = check_metrics(record_path.parent, handle.windows), record["check"]["metrics"]
+    assert got.keys() == want.keys()
+    # Hit@k and n exactly; the rest to float noise: a regression point moves by millimetres between
+    # thread counts, and two near-tied scores thousands of places down the ranking can swap (MRR moves by ~1e-10)
+    exact = [k for k in want if k.startswith("hit@") and not k.endswith(("_lo", "_hi"))] + ["n"]
+    assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     for k, v in record["float32"]["test"].items():
         if k.startswith("hit@") and not k.endswith(("_lo", "_hi")):
             assert abs(record["test"][k] - v) <= AGREEMENT, k

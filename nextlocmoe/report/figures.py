@@ -443,18 +443,20 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
     datasets = list(dict.fromkeys(t["dataset"]))
     lower = lower_is_better(metric)
     n_rows = max(len(t[t["dataset"] == d]) for d in datasets)
-    fig = new_figure((min(11.0, 5.0 * len(datasets) + 3.5), min(7.0, max(4.5, 0.38 * n_rows + 1.8))))
+    heads = list(dict.fromkeys(t.loc[t["kind"] != "baseline", "method"]))   # the models ablated, not the floor
+    fig = new_figure((min(12.0, 5.5 * len(datasets) + 4.5), min(7.0, max(4.5, 0.38 * n_rows + 1.8))))
     axes = np.atleast_1d(fig.subplots(1, len(datasets), squeeze=False)[0])
     with_intervals = False
     for ax, dataset in zip(axes, datasets):
         d = t[t["dataset"] == dataset].drop_duplicates(["method", "variant"])
-        several_methods = d["method"].nunique() > 1
+        several_heads = d.loc[d["kind"] != "baseline", "method"].nunique() > 1
         ref_rows = d[d["variant"] == reference]
         if ref_rows.empty:
             raise ConfigError(f"plot_ablations: dataset '{dataset}' has no '{reference}' variant")
         ref_value = float(ref_rows["value"].iloc[0])
         d = pd.concat([ref_rows.iloc[:1], d.drop(ref_rows.index[:1])])
-        labels = [f"{m} · {v}" if several_methods else v for m, v in zip(d["method"], d["variant"])]
+        labels = [f"{m} · {v}" if several_heads or k == "baseline" else v
+                  for m, v, k in zip(d["method"], d["variant"], d["kind"])]
         is_ref = (d["variant"] == reference).to_numpy()
         colors = [NEXTLOCMOE_RED if r else "#9fb3c8" for r in is_ref]
         hatches = ["" if r else KIND_HATCHES.get(k, "") for r, k in zip(is_ref, d["kind"])]
@@ -494,7 +496,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
             if r:
                 tick.set_fontweight("bold")
         ax.invert_yaxis()
-        ax.set_xlim(0, span * 1.38 if span > 0 else 1)
+        ax.set_xlim(0, span * 1.6 if span > 0 else 1)                      # room for the printed differences
         ax.set(xlabel=metric_axis_label([metric]), title=f"dataset: {dataset}")
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
@@ -509,8 +511,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
                ncols=legend_ncols([str(h.get_label()) for h in handles], fig.get_figwidth()))
     direction = "lower is better" if lower else "higher is better"
-    heads = ", ".join(dict.fromkeys(t["method"]))
-    fig.suptitle(f"Ablations of NextLocMoE ({heads}): {metric_label(metric)} per variant vs the full model "
+    fig.suptitle(f"Ablations of NextLocMoE ({', '.join(heads)})\n{metric_label(metric)} per variant vs the full model "
                  f"({direction})")
     return fig
 
