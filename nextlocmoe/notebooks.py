@@ -131,9 +131,45 @@ def absolute_paths(notebook: str | os.PathLike) -> list[str]:
     return sorted(set(ABSOLUTE_PATH.findall(Path(notebook).read_text())))
 
 
+def _as_terminal(text: str) -> str:
+    """What a terminal shows of `text`: a carriage return sends the cursor back to the line's start and what
+    follows overwrites the characters before it (a progress bar redraws itself this way), so hundreds of updates
+    become the bar's final state, and a bar that blanks itself on close leaves an empty line."""
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:                 # other lines stay byte for byte (nbval compares some outputs)
+            shown = ""
+            for part in line.split("\r"):
+                shown = part + shown[len(part):]
+            line = shown.rstrip()
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def coalesce_streams(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge consecutive stdout (or stderr) outputs of a cell into one and resolve carriage returns, as Jupyter
+    shows them: the executed notebook then holds a progress bar's last line, not every update (a reader on a
+    page that renders the raw outputs would otherwise scroll through thousands of lines)."""
+    merged: list[dict[str, Any]] = []
+    for out in outputs:
+        if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == out.get("name")):
+            merged[-1] = {**merged[-1], "text": "".join(merged[-1]["text"]) + "".join(out.get("text", ""))}
+        else:
+            merged.append(dict(out))
+    for out in merged:
+        if out.get("output_type") == "stream":
+            text = _as_terminal("".join(out.get("text", "")))
+            out["text"] = text.splitlines(keepends=True)
+    return [o for o in merged if o.get("output_type") != "stream" or "".join(o["text"]).strip()]
+
+
 def _scrub_notebook(path: Path, output_path: Path | None = None) -> None:
     text = scrub(path.read_text())
     nb = json.loads(text)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code" and cell.get("outputs"):
+            cell["outputs"] = coalesce_streams(cell["outputs"])
     meta = nb.get("metadata", {}).get("papermill", {})
     meta.pop("environment_variables", None)
     for key in ("input_path", "output_path"):      # relative to the project root, else the bare file name

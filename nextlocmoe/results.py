@@ -31,6 +31,14 @@ import pandas as pd
 from .errors import DataError
 from .io import provenance, write_json_atomic, write_text_atomic
 
+
+def format_p(p: float) -> str:
+    """A p-value for a table or a sentence: two significant digits; an exact McNemar p so small that it
+    underflows double precision (0.0) reads "<1e-300", never "0"."""
+    if not math.isfinite(p):
+        return "n/a"
+    return "<1e-300" if p == 0 else f"{p:.2g}"
+
 ID_COLUMNS = ("experiment", "method", "kind", "dataset", "variant")
 TIDY_COLUMNS = (*ID_COLUMNS, "metric", "value")
 
@@ -197,7 +205,7 @@ def results_markdown(table: pd.DataFrame, name: str, profile: str, notes: list[s
             if value(key, "paired_reference") == 1:
                 return "(reference)"
             d, lo, hi, p = (value(key, f"paired_{metric}{s}") for s in ("", "_lo", "_hi", "_p"))
-            return "" if not math.isfinite(d) else f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] p={p:.2g}"
+            return "" if not math.isfinite(d) else f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] p={format_p(p)}"
         shown = [key for key in keys if value(key, "paired_reference") == 1
                  or any(math.isfinite(value(key, f"paired_{m}")) for m in paired)]
         pairs = [{**dict(zip(index, key)), **{f"{PAIRED_COLUMNS[m]} vs reference": paired_cell(key, m)

@@ -168,7 +168,9 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
             "top p": probs[show].max(-1).round(3),
             "kept": [int(kept[t].sum()) for t in show],
             "kept mass": [round(float(probs[t][kept[t]].sum()), 3) for t in show],
-            "kept experts": [", ".join(names[e] for e in np.flatnonzero(kept[t])) for t in show],
+            "kept experts": [", ".join(names[e] for e in np.flatnonzero(kept[t])[np.argsort(-probs[t][kept[t]],
+                                                                                       kind="stable")])
+                             for t in show],                                  # most probable first
         })
         walk.steps.append(Step(f"personalized layer {layer}", EQUATIONS["personalized"],
                                {"gate": _shape(moe_out.gate_probs), "hidden": _shape(hidden)}, table,

@@ -188,3 +188,31 @@ def test_deterministic_tables_are_checked_by_nbval():
                         ("03_zero_shot.ipynb", "zero_shot.md"), ("04_ablations.ipynb", "ablations.md")):
         tagged = [c for c in code_cells(load(name)) if "nbval-check-output" in c.metadata.get("tags", [])]
         assert [t for c in tagged for t in c.metadata["tags"] if t.startswith(SHOWS_TAG)] == [SHOWS_TAG + table]
+
+
+def test_coalesce_streams_keeps_what_a_terminal_shows():
+    from nextlocmoe.notebooks import coalesce_streams
+    bar = [{"output_type": "stream", "name": "stderr", "text": f"\rfit: {i}/3"} for i in range(4)]
+    outputs = ([{"output_type": "stream", "name": "stdout", "text": ["a\n", "b\n"]},
+                {"output_type": "stream", "name": "stdout", "text": "c\n"}]
+               + bar + [{"output_type": "stream", "name": "stderr", "text": "\n"},
+                        {"output_type": "display_data", "data": {"text/plain": "x"}, "metadata": {}},
+                        {"output_type": "stream", "name": "stderr", "text": "\rbar 50%\r       \r\n"},
+                        {"output_type": "stream", "name": "stdout", "text": "done\r\n"}])
+    out = coalesce_streams(outputs)
+    assert [o["output_type"] for o in out] == ["stream", "stream", "display_data", "stream"]
+    assert "".join(out[0]["text"]) == "a\nb\nc\n"                   # consecutive stdout merged
+    assert "".join(out[1]["text"]) == "fit: 3/3\n"                  # a bar's updates: its last state only
+    assert "".join(out[3]["text"]) == "done\n"                      # a bar that blanked itself leaves nothing
+    assert out[2] == outputs[-3]                                     # other outputs untouched
+
+
+def test_committed_notebooks_hold_no_progress_bar_updates():
+    for name in NOTEBOOKS:
+        nb = json.loads((project_root() / "notebooks" / name).read_text())
+        for cell in nb["cells"]:
+            streams = [o for o in cell.get("outputs", []) if o.get("output_type") == "stream"]
+            assert not any("\r" in "".join(o["text"]) for o in streams), name
+            outputs = cell.get("outputs", [])
+            assert not any(a.get("output_type") == b.get("output_type") == "stream" and a["name"] == b["name"]
+                           for a, b in zip(outputs, outputs[1:])), name

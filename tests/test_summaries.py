@@ -125,3 +125,9 @@ def test_ablation_changes_follow_the_paired_tests():
                     "no_pointer.\n")
     text = summarize(table("ablations", [rows[0], rows[2]]), "ablations")
     assert text.endswith("Every change is within noise (paired tests on the same windows, every p >= 0.05).\n")
+
+
+def test_p_values_never_read_zero():
+    from nextlocmoe.results import format_p
+    assert format_p(0.0) == "<1e-300"            # an exact McNemar p that underflowed double precision
+    assert format_p(1.4e-148) == "1.4e-148" and format_p(0.03125) == "0.031" and format_p(float("nan")) == "n/a"

@@ -95,6 +95,8 @@ def test_walk_shows_records_gates_and_shapes(model_and_windows):
     for step in layers:       # the threshold rule: mass reached, or the cap hit
         t = step.table
         assert ((t["kept mass"] >= cfg.threshold - 1e-3) | (t["kept"] == cfg.max_experts)).all()
+        # the kept experts are listed most probable first: the top expert leads the list
+        assert all(kept.split(", ")[0] == top for kept, top in zip(t["kept experts"], t["top expert"]))
     shapes = walk.shapes()
     tokens = shapes.loc[shapes["tensor"] == "backbone input", "shape"].item()
     assert tokens.startswith(f"(1, {model.prompt_length + H + C},")

@@ -46,7 +46,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..data.schema import FUNCTIONS, UNKNOWN_FUNCTION
 from ..errors import ConfigError
-from ..results import TIDY_COLUMNS, is_interval_metric
+from ..results import TIDY_COLUMNS, format_p, is_interval_metric
 from .summaries import PAIRED_ALPHA
 from .canvas import (SeriesKey, bold_legend, dodged_bars, draw_errorbars, fmt_number, interval_errors,
                      interval_handle, legend_handles, legend_ncols, new_figure, plane_axes, require_columns,
@@ -489,7 +489,7 @@ def plot_ablations(table: pd.DataFrame, metric: str = "hit@10", reference: str =
                 p = float(bounds.get((dataset, method_of[yi], variant_of[yi], f"paired_{metric}_p"), np.nan))
                 beyond = np.isfinite(p) and p < PAIRED_ALPHA          # colour only what a paired test shows
                 color = ("#1a7f37" if better else "#b42318") if beyond and diff != 0 else "0.3"
-                text = f"{fmt_number(value)}  (Δ {diff:+.3g}" + (f", p = {p:.2g})" if np.isfinite(p) else ")")
+                text = f"{fmt_number(value)}  (Δ {diff:+.3g}" + (f", p = {format_p(p)})" if np.isfinite(p) else ")")
             ax.text(end + 0.01 * span, yi, text, va="center", fontsize=9, color=color)
         ax.set_yticks(y, labels)
         for tick, r in zip(ax.get_yticklabels(), is_ref):

@@ -25,6 +25,7 @@ import math
 import pandas as pd
 
 from ..errors import ConfigError
+from ..results import format_p
 from .summaries import PAIRED_ALPHA, intervals_overlap
 
 DIFFERS = {
@@ -81,7 +82,7 @@ def _verdict(wide: pd.DataFrame, ours: tuple, theirs: tuple, metric: str, gap: s
     paired = _paired(wide, ours, theirs, metric)
     if paired is not None:
         d, lo, hi, p = paired
-        test = f"{gap} {d:+.3f}, paired 95% [{lo:+.3f}, {hi:+.3f}], p = {p:.2g}"
+        test = f"{gap} {d:+.3f}, paired 95% [{lo:+.3f}, {hi:+.3f}], p = {format_p(p)}"
         if p >= PAIRED_ALPHA:
             return f"not supported: within noise ({test})"
         return f"supported ({test})" if d > 0 else f"contradicted: beyond noise ({test})"

@@ -21,6 +21,8 @@ import math
 
 import pandas as pd
 
+from ..results import format_p
+
 PAIRED_ALPHA = 0.05        # a paired test's p below this is "beyond noise"
 INDICATIVE_FRACTION = 0.1   # a row with n < this x the dataset's largest n is indicative only, never ranked
 
@@ -150,7 +152,7 @@ def _paired(wide: pd.DataFrame, key: tuple, metric: str) -> str | None:
     if not math.isfinite(d):
         return None
     verdict = "beyond noise" if p < PAIRED_ALPHA else "within noise"
-    return f"{d:+.3f} (paired 95% [{lo:+.3f}, {hi:+.3f}], p = {p:.2g}, {verdict})"
+    return f"{d:+.3f} (paired 95% [{lo:+.3f}, {hi:+.3f}], p = {format_p(p)}, {verdict})"
 
 
 def _label(method: str, variant: str) -> str:
