@@ -577,7 +577,7 @@ def write_routing_summary(samples: dict[str, RoutingSample], profile: str,
 
 
 ROUTING_TABLES = ("routing_roles", "routing_functions", "routing_active_experts", "routing_kept_mass",
-                  "routing_entropy", "routing_predictions")
+                  "routing_entropy", "routing_entropy_paper_loss", "routing_predictions")
 
 
 def write_routing_tables(tables: dict[str, pd.DataFrame], profile: str, results_dir: str | os.PathLike = "results",

@@ -426,3 +426,13 @@ def test_summarize_states_the_best_method_and_nextlocmoe_rank_from_the_table():
                                              ("experts_1", "ablation", 0.55))])
     assert "full model 0.500; change per variant (lowest first): no_prompt -0.100, experts_1 +0.050." in \
         summarize(ablation, "ablations")
+
+
+def test_a_model_with_overrides_needs_its_own_variant_name():
+    """The shipped folder of a supervised model is <method>-<dataset>-<variant>: a model trained with overrides
+    under the 'default' name would overwrite the supervised table's model (refused before anything trains)."""
+    from nextlocmoe.experiments import supervised_model
+    with pytest.raises(ConfigError, match="its own variant name"):
+        supervised_model("smoke", "synthetic", "nextlocmoe", overrides=["model.balance_weight=0"])
+    with pytest.raises(ConfigError, match="its own variant name"):
+        supervised_model("smoke", "synthetic", "nextlocmoe", variant="no_balance")

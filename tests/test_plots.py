@@ -553,6 +553,14 @@ def test_routing_entropy_lines_epochs_and_uniform_levels():
     assert uniform.get_ydata()[0] == pytest.approx(math.log(11))
     boundaries = sorted(float(line.get_xdata()[0]) for line in ax.lines if line.get_linestyle() == "--")
     assert boundaries == [4.5, 8.5]
+    # the paper's loss beside it: one dashed black line per batch, in the legend
+    paper = df.assign(pmoe_entropy=np.geomspace(2.3, 0.001, 12))
+    fig = plots.plot_routing_entropy(df, title="nextlocmoe_ranking on nyc", paper_loss=paper)
+    (ax,) = data_axes(fig)
+    line = next(ln for ln in ax.lines if "paper's loss" in ln.get_label())
+    assert list(line.get_ydata()) == pytest.approx(list(np.geomspace(2.3, 0.001, 12))) and line.get_color() == "black"
+    with pytest.raises(ConfigError, match="paper_loss"):
+        plots.plot_routing_entropy(df, paper_loss=paper.drop(columns="pmoe_entropy"))
     with pytest.raises(ConfigError, match="pmoe_entropy_smooth"):
         plots.plot_routing_entropy(df.drop(columns="pmoe_entropy_smooth"))
     with pytest.raises(ConfigError, match="no finite"):

@@ -29,7 +29,7 @@ from .methods import COMPACT_STAND_IN, LLMMobRunner, head_method
 from .registry import (ABLATIONS, EXPERIMENTS, METHODS, Experiment, Method, experiment_names, get_experiment,
                        get_method, methods, register_ablation, register_experiment, register_method,
                        unregister_method)
-from .supervised import (TrainedModel, best_supervised_model, plan_datasets, supervised_model,
+from .supervised import (TrainedModel, best_supervised_model, no_balance_model, plan_datasets, supervised_model,
                          write_training_summary)
 from .zero_shot import transfer_ranks
 

@@ -96,12 +96,18 @@ class TrainedModel:
 def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
                      runs_dir: str | os.PathLike = "runs/experiments", cache_dir: str | os.PathLike = ".cache/windows",
                      force: bool = False, overrides: list[str] | tuple[str, ...] = (),
-                     plan: dict[str, Any] | None = None) -> TrainedModel:
+                     plan: dict[str, Any] | None = None, variant: str = "default") -> TrainedModel:
     """Train (or reuse) `method` on `dataset` exactly as the supervised experiment does, at its budget.
 
     Notebook 01 calls this to train the profile's models and show their curves; the supervised table then
     reads the same cached model instead of training it again (the cache key is the config and the data).
+    `variant` names a model trained with `overrides` (its shipped folder is <method>-<dataset>-<variant>; the
+    default one is the supervised table's).
     """
+    if (variant == "default") != (not overrides):
+        raise ConfigError(f"variant={variant!r} with overrides={list(overrides)!r}: a model with overrides needs "
+                          "its own variant name, and the 'default' variant has none (its shipped folder is the "
+                          "supervised table's)")
     if get_method(method).family != "model":
         raise ConfigError(f"method '{method}' is not a trained model; expected one of "
                           f"{[m.name for m in registered_methods(family='model')]}")
@@ -112,8 +118,18 @@ def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
                           f"{list(runner.plan.datasets)}")
     data = runner.dataset(dataset)
     cfg = run_config(runner.cfg, method, dataset)
-    record = runner.trained_model(cfg, data, name=slug(method, dataset, "default"))
+    record = runner.trained_model(cfg, data, name=slug(method, dataset, variant))
     return TrainedModel(method, dataset, cfg, runner.runs_dir / record["dir"], record, data.windows)
+
+
+NO_BALANCE = ("model.balance_weight=0",)   # the paper's routing loss: the entropy term alone
+
+
+def no_balance_model(profile: str, dataset: str, method: str, **kwargs: Any) -> TrainedModel:
+    """`method` on `dataset` at the supervised budget with the paper's routing loss (no balance term,
+    docs/design.md §5.2): the run whose gate entropy notebook 06 draws beside the default one, to show the
+    collapse the balance term prevents. Trained once and shipped like the supervised models."""
+    return supervised_model(profile, dataset, method, overrides=NO_BALANCE, variant="no_balance", **kwargs)
 
 
 NEXTLOCMOE_HEADS = ("nextlocmoe", "nextlocmoe_ranking")

@@ -205,13 +205,16 @@ def plot_active_experts(df: pd.DataFrame, kept_mass: pd.DataFrame | None = None,
 
 @styled
 def plot_routing_entropy(df: pd.DataFrame, n_role_experts: int | None = 11,
-                         n_function_experts: int | None = 5, title: str | None = None) -> Figure:
+                         n_function_experts: int | None = 5, title: str | None = None,
+                         paper_loss: pd.DataFrame | None = None) -> Figure:
     """Gate entropies over training (analysis.entropy_over_training), in nats, epochs marked.
 
     df  step, epoch, pmoe_entropy, location_entropy, pmoe_entropy_smooth, location_entropy_smooth; raw values
         thin, smoothed thick; an all-NaN entropy (module switched off) is left out.
     n_role_experts / n_function_experts  draw the entropy of a uniform gate, ln(E) (None hides it).
     title  the model and dataset, in the suptitle
+    paper_loss  the same table for the same model trained with the paper's routing loss (no balance term,
+        `experiments.no_balance_model`): its Personalized MoE entropy per batch, drawn dashed in black.
     """
     columns = ["step", "epoch", "pmoe_entropy", "location_entropy", "pmoe_entropy_smooth", "location_entropy_smooth"]
     require_columns(df, columns, "plot_routing_entropy")
@@ -234,6 +237,11 @@ def plot_routing_entropy(df: pd.DataFrame, n_role_experts: int | None = 11,
         drawn += 1
     if drawn == 0:
         raise ConfigError("plot_routing_entropy: columns 'pmoe_entropy' and 'location_entropy' hold no finite value")
+    if paper_loss is not None:
+        require_columns(paper_loss, ["step", "pmoe_entropy"], "plot_routing_entropy(paper_loss=...)")
+        other = paper_loss.sort_values("step", kind="stable")
+        ax.plot(other["step"], other["pmoe_entropy"], color="black", linestyle=(0, (4, 2)), linewidth=1.6,
+                marker="x", markersize=4, label="Personalized MoE, the paper's loss (no balance term), per batch")
     starts = d.groupby("epoch")["step"].min().sort_index().to_numpy()[1:]
     for k, x in enumerate(starts):
         ax.axvline(x - 0.5, color="black", linestyle="--", linewidth=0.9, label="epoch boundary" if k == 0 else None)
