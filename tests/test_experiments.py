@@ -428,11 +428,13 @@ def test_summarize_states_the_best_method_and_nextlocmoe_rank_from_the_table():
         summarize(ablation, "ablations")
 
 
-def test_a_model_with_overrides_needs_its_own_variant_name():
-    """The shipped folder of a supervised model is <method>-<dataset>-<variant>: a model trained with overrides
-    under the 'default' name would overwrite the supervised table's model (refused before anything trains)."""
-    from nextlocmoe.experiments import supervised_model
-    with pytest.raises(ConfigError, match="its own variant name"):
-        supervised_model("smoke", "synthetic", "nextlocmoe", overrides=["model.balance_weight=0"])
-    with pytest.raises(ConfigError, match="its own variant name"):
-        supervised_model("smoke", "synthetic", "nextlocmoe", variant="no_balance")
+def test_a_model_with_overrides_never_takes_the_tables_shipped_folder():
+    """The shipped folder of a supervised model is <method>-<dataset>-<variant>; one trained with overrides under
+    the name 'default' gets its configuration hash instead of the supervised table's folder."""
+    from nextlocmoe.config import config_hash, load_config
+    from nextlocmoe.experiments.supervised import model_folder
+    cfg = load_config("smoke")
+    assert model_folder("nextlocmoe", "synthetic", "default", cfg, False) == "nextlocmoe-synthetic-default"
+    assert model_folder("nextlocmoe", "synthetic", "no_balance", cfg, True) == "nextlocmoe-synthetic-no_balance"
+    assert model_folder("nextlocmoe", "synthetic", "default", cfg, True) == \
+        f"nextlocmoe-synthetic-custom_{config_hash(cfg)}"

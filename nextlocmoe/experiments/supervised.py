@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, config_hash
 from ..data.windows import Windows
 from ..errors import ConfigError
 from ..io import provenance
@@ -101,13 +101,8 @@ def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
 
     Notebook 01 calls this to train the profile's models and show their curves; the supervised table then
     reads the same cached model instead of training it again (the cache key is the config and the data).
-    `variant` names a model trained with `overrides` (its shipped folder is <method>-<dataset>-<variant>; the
-    default one is the supervised table's).
+    `variant` names a model trained with `overrides` in its shipped folder (`model_folder`).
     """
-    if (variant == "default") != (not overrides):
-        raise ConfigError(f"variant={variant!r} with overrides={list(overrides)!r}: a model with overrides needs "
-                          "its own variant name, and the 'default' variant has none (its shipped folder is the "
-                          "supervised table's)")
     if get_method(method).family != "model":
         raise ConfigError(f"method '{method}' is not a trained model; expected one of "
                           f"{[m.name for m in registered_methods(family='model')]}")
@@ -118,8 +113,17 @@ def supervised_model(profile: str, dataset: str, method: str = "nextlocmoe", *,
                           f"{list(runner.plan.datasets)}")
     data = runner.dataset(dataset)
     cfg = run_config(runner.cfg, method, dataset)
-    record = runner.trained_model(cfg, data, name=slug(method, dataset, variant))
+    record = runner.trained_model(cfg, data, name=model_folder(method, dataset, variant, cfg, bool(overrides)))
     return TrainedModel(method, dataset, cfg, runner.runs_dir / record["dir"], record, data.windows)
+
+
+def model_folder(method: str, dataset: str, variant: str, cfg: ExperimentConfig, overridden: bool) -> str:
+    """The shipped folder of a supervised model: <method>-<dataset>-<variant>. A model trained with overrides
+    under the name "default" gets its configuration hash instead, so that it can never take the folder of the
+    supervised table's model."""
+    if overridden and variant == "default":
+        variant = f"custom_{config_hash(cfg)}"
+    return slug(method, dataset, variant)
 
 
 NO_BALANCE = ("model.balance_weight=0",)   # the paper's routing loss: the entropy term alone
