@@ -45,21 +45,31 @@ def limited(windows: Windows, cfg: ExperimentConfig) -> Windows:
     return windows
 
 
+def stored_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of `model` holds, by name: the trainable parameters (the frozen backbone is rebuilt from its
+    source, not stored) and the buffers a module lists in its `stored_buffers` attribute (values set from the
+    training data before training, such as the regression origin's time prior, that no gradient moves)."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "stored_buffers", ()):
+            tensors[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
+    return tensors
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: the frozen backbone is rebuilt from its source, not stored."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The tensors a checkpoint stores (`stored_tensors`), detached copies on the CPU."""
+    return {n: t.detach().cpu().clone() for n, t in stored_tensors(model).items()}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+    tensors = stored_tensors(model)
+    if set(state) != set(tensors):
+        missing, extra = sorted(set(tensors) - set(state))[:3], sorted(set(state) - set(tensors))[:3]
         raise NextLocMoEError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}; "
                               "was it written by a different config?")
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            tensors[n].copy_(t.to(tensors[n].device, tensors[n].dtype))
 
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
@@ -117,7 +127,7 @@ def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], metada
     if cfg is not None and metadata.get("config_hash") not in (None, config_hash(cfg)):
         problems.append(f"it was trained with configuration {metadata.get('config_hash')}, this one is "
                         f"{config_hash(cfg)}")
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: tuple(t.shape) for n, t in stored_tensors(model).items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
         problems.append(f"missing parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}")

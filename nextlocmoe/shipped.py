@@ -4,8 +4,8 @@ The published profile's trained models live in checkpoints/<profile>/<name>/ (na
 the first job that trained it), one folder per model:
 
     model.safetensors  the trainable weights only (the frozen backbone is rebuilt from its package), stored in
-                       bfloat16 where that changes no test metric by more than AGREEMENT (else float32), with
-                       their provenance in the header; reading it runs no code
+                       bfloat16 where that changes no test metric by more than AGREEMENT (else float32; scalars
+                       always float32), with their provenance in the header; reading it runs no code
     model.json         the record the experiments read: the training key, configuration hash, validation and test
                        metrics OF THESE WEIGHTS (the tables' numbers), the float32 run's metrics beside them, the
                        check (metrics of the first CHECK_WINDOWS test windows), the file's size and sha256,
@@ -102,7 +102,9 @@ def export_model(run_dir: str | os.PathLike, record: dict[str, Any], cfg: Experi
             shutil.copyfile(run_dir / filename, tmp)
     float32 = record.get("float32") or {"val": record["val"], "test": record["test"]}
     for dtype in (STORAGE_DTYPE, torch.float32):
-        stored = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
+        # scalars (the time priors, gate biases) stay float32: they cost nothing, and rounding a time prior to bf16
+        # could swap two near-tied places of a window
+        stored = {n: t.to(dtype) if t.is_floating_point() and t.numel() > 1 else t for n, t in state.items()}
         save_weights(dest / WEIGHTS_FILE, stored, {**metadata, "storage_dtype": str(dtype).removeprefix("torch.")})
         measured = _evaluate(cfg, dest, windows)
         moved = max((abs(measured["test"][k] - v) for k, v in _test_hits(float32["test"]).items()), default=0.0)

@@ -210,8 +210,8 @@ def _setup(cfg: ExperimentConfig, out_dir: Path, resume: bool, windows: Windows 
     if cfg.model.pointer_gate_init == "repeat_rate":                        # copy gate: at the repeat rate
         model.set_copy_rate(windows.repeat_rate("train"))
     resuming = resume and (out_dir / "last.pt").exists()
-    if getattr(model, "pointer", None) is not None and model.pointer.time_terms and not resuming:
-        # time term: the tuned scorer's parameters (a resumed run loads its trained ones from last.pt instead)
+    if model.uses_time_prior and not resuming:
+        # time terms: the tuned scorer's parameters (a resumed run loads its trained ones from last.pt instead)
         model.set_time_prior(make_scorer(TIME_PRIOR_SCORER).fit(windows).weights)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(decay_groups(model, tc.weight_decay), lr=tc.lr)

@@ -24,6 +24,7 @@ from .data.windows import Windows
 from .errors import ConfigError
 from .metrics import CandidateIndex, rank_predictions
 from .model.nextlocmoe import NextLocMoE
+from .model.pointer import window_visit_time
 
 EQUATIONS: dict[str, str] = {
     "records": "a window = S_h = 40 history records + S_c = 5 current records r_t = (x_t, y_t, weekday_t, hour_t, "
@@ -39,9 +40,10 @@ EQUATIONS: dict[str, str] = {
                     "experts until their mass reaches 0.8 (at most 5); FFN(x_t) -> sum_kept p_t,e FFN_e(x_t), "
                     "FFN_e = the frozen FFN with expert e's LoRA",
     "state": "s = RMSNorm(hidden state of the last current token after the last kept layer) (D)",
-    "regression": "z_hat = z_cur + W_o s + b_o (2 z-units; z_cur the current record's place, W_o = 0 at the start; "
-                  "the paper's form has no z_cur), y_hat = (sigma_x z_hat_1 + mu_x, sigma_y z_hat_2 + mu_y) metres; "
-                  "the answer is the KD-tree's nearest candidates to y_hat",
+    "regression": "z_hat = z_0 + W_o s + b_o (2 z-units; z_0 the origin: the window's place the tuned window_time "
+                  "scorer ranks first, or the current record's; W_o = 0 at the start; the paper's form has no z_0), "
+                  "y_hat = (sigma_x z_hat_1 + mu_x, sigma_y z_hat_2 + mu_y) metres; the answer is the KD-tree's "
+                  "nearest candidates to y_hat",
     "ranking": "score_l = <W_q s, c_l> / sqrt(r) * exp(tau) + b_l over the L candidate embeddings c_l; with the copy "
                "mixture log p(l) = log(g p_copy(l) + (1 - g) softmax(score)_l), g = sigmoid(w.s + c)",
     "loss": "regression: mean ||y_hat - y|| (metres) + lambda (H + beta I); ranking: -log p(target) + lambda (H + "
@@ -188,8 +190,13 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
         table = pd.DataFrame({"rank": np.arange(1, idx.shape[1] + 1), "place": idx[0], "distance_m": dist[0].round(1),
                               "is target": idx[0] == target})
         walk.pred_xy = pred
+        origin = ""
+        if model.origin is not None:   # which place the offset starts from (model.regression_origin=scorer)
+            window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)
+            visit_time = window_visit_time(batch, window.device) if model.origin.time_terms else None
+            origin = f"origin: place {int(model.origin.top_place(window, visit_time)[0])} (the scorer's top); "
         walk.steps.append(Step("regression", EQUATIONS["regression"], {"point": (2,)}, table,
-                               note=f"predicted ({pred[0]:.0f}, {pred[1]:.0f}) m; target ({true_xy[0, 0]:.0f}, "
+                               note=f"{origin}predicted ({pred[0]:.0f}, {pred[1]:.0f}) m; target ({true_xy[0, 0]:.0f}, "
                                     f"{true_xy[0, 1]:.0f}) m; error {ranked.error_m[0]:.0f} m; the target (place "
                                     f"{target}) ranks {int(ranked.rank[0])}"))
     else:

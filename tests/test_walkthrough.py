@@ -12,6 +12,7 @@ from nextlocmoe.data.prepare import prepare
 from nextlocmoe.errors import ConfigError
 from nextlocmoe.model import build_model
 from nextlocmoe.model.heads import final_norm_float32
+from nextlocmoe.model.pointer import window_visit_time
 from nextlocmoe.walkthrough import describe, tcn_receptive_field, walk_window
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,7 +69,12 @@ def test_intermediates_are_what_forward_computes(model_and_windows):
     state = final_norm_float32(model.llama.norm, seen["hidden"][:, -1])
     torch.testing.assert_close(state, seen["state"])
     if model.cfg.head == "regression":
-        torch.testing.assert_close(model.head(state, batch["cur_xy"][:, -1]), plain.pred_xy)
+        origin = seen["regression_origin"]                    # the scorer's top place: a candidate's coordinates
+        window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)
+        top = model.origin.top_place(window, window_visit_time(batch, window.device))      # (B,) place ids
+        assert all(int(place) in set(w.tolist()) for place, w in zip(top, window))         # a place of the window
+        torch.testing.assert_close(origin, model.origin.candidates_z[top])
+        torch.testing.assert_close(model.head(state, origin), plain.pred_xy)
         return
     torch.testing.assert_close(model.head(state, model.candidate_location_embeddings()), seen["generator_scores"])
     if model.pointer is not None:    # p = g p_copy + (1 - g) softmax(generator), from the recorded parts

@@ -8,7 +8,8 @@ Decisions (docs/design.md §5):
 * Normalisation and candidates. The source model keeps the source city's z-score and duration statistics:
   the target's windows are normalised with them (`Windows.stats` swapped), because a model trained on one
   scale has no other; a target city of another extent is then part of the shift that the number measures.
-  Retrieval uses the TARGET city's candidates (its KD-tree). Zero-shot runs the regression head only
+  Retrieval uses the TARGET city's candidates (its KD-tree), and so does the regression origin (the place of the
+  target window that the scorer, with its parameters from the source, ranks first: `set_origin_candidates`). Zero-shot runs the regression head only
   (NextLocMoE and the NextLocLLM-style model): the ranking head learns one embedding per source candidate,
   which has no meaning in another city, and removing them would test a different model.
 * Reference rows: "trained on target" is NextLocMoE trained and tested on the target (what zero-shot gives
@@ -51,6 +52,7 @@ def transfer_ranks(cfg: ExperimentConfig, model_dir: Path, source: Windows, targ
         raise ConfigError("zero-shot transfer needs model.head='regression': the ranking head's candidate "
                           "embeddings belong to the source city")
     model = load_run(model_dir, source, cfg=cfg).model
+    model.set_origin_candidates(target.candidates)      # the origin (the scorer's top place) is a target place
     target = limited(dataclasses.replace(target, stats=source.stats), cfg)
     device = pick_device()
     return rank_split(model, target, "test", cfg.train.eval_batch_size, device=device, desc="zero-shot test")

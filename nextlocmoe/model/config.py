@@ -62,6 +62,7 @@ class PersonalizedMoEConfig:
 
 
 HEADS = ("regression", "ranking")
+REGRESSION_ORIGINS = ("scorer", "current")   # model.regression_origin (docs/design.md §3.6)
 BACKBONE_INITS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,6 +117,9 @@ class ModelConfig:
     regression_offset: bool = True   # ours: the regression head predicts an offset from the current record's place,
                                      # zero at initialisation (step 0 = "stay where you are"); False = the paper's
                                      # absolute point (docs/design.md §3.6)
+    regression_origin: str = "scorer"  # ours, where the offset starts: "scorer" = the window's place that the tuned
+                                     # window_time scorer ranks first (user_most_frequent without next_visit_time),
+                                     # "current" = the current record's place (docs/design.md §3.6)
     regression_offset_scale: float = 1.0  # ours: the offset is this times the linear map's output, so Adam's first
                                      # steps move the prediction this much less (chosen on validation, §3.6)
     entropy_weight: float = 300.0    # lambda on the mean P-MoE gate entropy, regression loss (reference 300)
@@ -192,6 +196,7 @@ class ModelConfig:
             ("pointer_dim", self.pointer_dim >= 1, "an integer >= 1"),
             ("pointer_gate_init", self.pointer_gate_init in ("repeat_rate", "baseline"), "'repeat_rate' or 'baseline'"),
             ("regression_offset_scale", self.regression_offset_scale > 0, "a value > 0"),
+            ("regression_origin", self.regression_origin in REGRESSION_ORIGINS, f"one of {list(REGRESSION_ORIGINS)}"),
         ]
         for name, ok, expected in checks:
             if not ok:

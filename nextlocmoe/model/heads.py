@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DataError
+from .pointer import recency_slope, time_logits, time_prior_values
 
 
 def _float32_region(device: torch.device):
@@ -59,10 +60,11 @@ class RegressionHead(nn.Module):
     The model predicts z-scored (x, y); adding back the training mean and std gives metres, in float32
     throughout. The statistics are plain floats, not buffers, so casting the module never rounds them.
 
-    offset=True (ours, model.regression_offset): the linear map predicts a displacement from `origin_z`, the
-    z-scored coordinates of the window's current (last) record, and starts at zero (weight and bias, like LoRA's
-    B): at step 0 the head predicts the current place, the "stay where you are" floor (last_location), and
-    training moves it from there; `offset_scale` multiplies the displacement (a smaller one makes Adam's first steps
+    offset=True (ours, model.regression_offset): the linear map predicts a displacement from `origin_z` and starts
+    at zero (weight and bias, like LoRA's B), so at step 0 the head predicts the origin and training moves it from
+    there. The model picks the origin (model.regression_origin): the window's current (last) record, the "stay
+    where you are" floor (last_location), or the window's place that the tuned training-free scorer ranks first
+    (`ScorerOrigin`); `offset_scale` multiplies the displacement (a smaller one makes Adam's first steps
     move the prediction less). offset=False is the paper's absolute point from a default-initialised Linear.
     """
 
@@ -92,6 +94,68 @@ class RegressionHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"x: {self.x_mean:.1f} +- {self.x_std:.1f} m, y: {self.y_mean:.1f} +- {self.y_std:.1f} m"
+
+
+class ScorerOrigin(nn.Module):
+    """Where the offset regression head starts with model.regression_origin="scorer" (ours, docs/design.md §3.6):
+    the window's place that the tuned training-free scorer ranks first.
+
+    Each record t of the window (T = H + C, t = 0 oldest) votes for its place with the weight of
+    window_scorers.py, in log form exactly as in the copy mixture's attention (model/pointer.py):
+
+        log w_t = tau_t + beta t       tau_t = -kappa dh_t^2 + u [same weekday] + v [same day type]
+
+    and the origin is the coordinates of the place with the largest sum of weights: `set_time_prior` with the
+    tuned window_time parameters makes it that scorer's top-1 (tested); with kappa = u = v = 0 (no time prior,
+    model.next_visit_time off) it is the window's most frequent place, the latest among equals, i.e.
+    user_most_frequent's top-1. The argmax passes no gradient, so kappa, u and v are buffers, not parameters:
+    training leaves them where `set_time_prior` put them, and `stored_buffers` makes every checkpoint carry them
+    (runs.stored_tensors), so a loaded model has the scorer it was trained from.
+    """
+
+    stored_buffers = ("hour_precision", "same_weekday_bonus", "same_daytype_bonus")
+
+    def __init__(self, positions: int, candidates_z: torch.Tensor, time_terms: bool = True):
+        super().__init__()
+        self.positions, self.time_terms = positions, time_terms
+        if not time_terms:
+            self.stored_buffers = ()
+        for name in self.stored_buffers:     # kappa, u, v; zero = no time term until set_time_prior
+            self.register_buffer(name, torch.zeros(()))
+        self.register_buffer("position_bias", recency_slope(positions) * torch.arange(positions, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("candidates_z", torch.as_tensor(candidates_z, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def set_time_prior(self, sigma: float, same_weekday: float, same_daytype: float) -> None:
+        """The tuned scorer's parameters (window_scorers.WindowWeights); a no-op without time terms."""
+        if self.time_terms:
+            for buffer, value in zip((self.hour_precision, self.same_weekday_bonus, self.same_daytype_bonus),
+                                     time_prior_values(sigma, same_weekday, same_daytype)):
+                buffer.fill_(value)
+
+    @torch.no_grad()
+    def top_place(self, window_location: torch.Tensor, visit_time: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """window_location (B, T) place ids -> (B,) the id of the place with the largest summed weight."""
+        T = window_location.shape[1]
+        if T > self.positions:
+            raise DataError(f"window of {T} records is longer than the {self.positions} positions the regression "
+                            "origin was built for")
+        logits = self.position_bias[self.positions - T:].expand(window_location.shape[0], T)          # (B, T)
+        if self.time_terms:
+            if visit_time is None:
+                raise DataError("the regression origin has time terms: pass visit_time (the window's hours and "
+                                "weekdays and the next visit's)")
+            logits = logits + time_logits(visit_time, self.hour_precision, self.same_weekday_bonus,
+                                          self.same_daytype_bonus)
+        weight = torch.exp(logits - logits.amax(-1, keepdim=True))                                    # (B, T)
+        same_place = window_location[:, :, None] == window_location[:, None, :]                       # (B, T, T)
+        place_weight = (same_place * weight[:, None, :]).sum(-1)                                      # (B, T)
+        return window_location.gather(1, place_weight.argmax(-1, keepdim=True)).squeeze(1)            # (B,)
+
+    def forward(self, window_location: torch.Tensor, visit_time: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """-> (B, 2) z-scored coordinates of `top_place`."""
+        return self.candidates_z[self.top_place(window_location, visit_time)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,17 +41,18 @@ from .backbone import (Backbone, LoraLayer, add_dense_lora, embed_text, embed_to
 from .config import ModelConfig
 from .decoder import run_decoder
 from .features import NextVisitTime, TokenFeatures, TokenProjections
-from .heads import RankingHead, RegressionHead, final_norm_float32
+from .heads import RankingHead, RegressionHead, ScorerOrigin, final_norm_float32
 from .history_router import HistoryRouter
 from .location_moe import LocationSemanticsMoE
 from .personalized_moe import MoEOutput, PersonalizedMoE
-from .pointer import CopyMixture
+from .pointer import CopyMixture, window_visit_time
 from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_names
 
 BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
               "cur_xy", "cur_weekday", "cur_hour", "cur_duration")
 POINTER_KEYS = ("hist_location", "cur_location")   # the window's place ids, read by the copy mixture only
 NEXT_VISIT_KEYS = ("next_hour", "next_weekday")     # the next visit's time (model.next_visit_time)
+VISIT_TIME_KEYS = ("hist_hour", "cur_hour", "hist_weekday", "cur_weekday") + NEXT_VISIT_KEYS   # the time terms
 WINDOW_RECORDS = 45   # S_h + S_c of the paper (40 + 5): the longest window the copy mixture's biases cover by default
 
 
@@ -72,6 +73,8 @@ INTERMEDIATES = {   # what forward(return_intermediates=True) records, in the or
     "state": "(B, D) float32 the prediction state: final RMSNorm of the last token, plus the next visit's time "
              "(model.next_visit_time)",
     "generator_scores": "(B, L) the ranking head's scores before the copy mixture (ranking head only)",
+    "regression_origin": "(B, 2) z-scored origin of the offset regression head (the scorer's top place or the current "
+                         "record's; regression head with model.regression_offset only)",
     "copy_gate": "(B, 1) g, the probability of copying (ranking head with the copy mixture only)",
     "copy_attention": "(B, H + C) the copy mixture's attention over the window's records (idem)",
 }
@@ -178,9 +181,16 @@ class NextLocMoE(nn.Module):
                                                                                     candidate_function)
 
         # --- head (Sec. 4.4)
+        self.origin = None    # the offset regression head's origin when it is the scorer's top place
         if cfg.head == "regression":
             self.head = RegressionHead(d_model, norm_stats, offset=cfg.regression_offset,
                                        offset_scale=cfg.regression_offset_scale)
+            if cfg.regression_offset and cfg.regression_origin == "scorer":   # built after the head: no random draws
+                if self.candidates_xy is None:
+                    raise ConfigError("model.regression_origin='scorer' needs candidates_xy (L, 2): the origin is a "
+                                      "candidate place (or set model.regression_origin=current)")
+                self.origin = ScorerOrigin(window_records, self._zscore(self.candidates_xy),
+                                           time_terms=cfg.next_visit_time)
         else:
             if self.candidates_xy is None or self.candidate_function is None:
                 raise ConfigError("model.head='ranking' needs candidates_xy (L, 2) and candidate_function (L,)")
@@ -285,10 +295,26 @@ class NextLocMoE(nn.Module):
 
     @torch.no_grad()
     def set_time_prior(self, weights: Any) -> None:
-        """Start the copy mixture's time term at a tuned scorer's parameters (window_scorers.WindowWeights: sigma,
-        same_weekday, same_daytype); no-op without the copy mixture or with model.next_visit_time off."""
+        """Start the time terms at a tuned scorer's parameters (window_scorers.WindowWeights: sigma, same_weekday,
+        same_daytype): the copy mixture's attention (ranking head) or the regression origin's vote (ScorerOrigin);
+        a no-op where neither has time terms (model.next_visit_time off, or the current place as origin)."""
         if self.pointer is not None and self.pointer.time_terms:
             self.pointer.set_time_prior(weights.sigma, weights.same_weekday, weights.same_daytype)
+        if self.origin is not None:
+            self.origin.set_time_prior(weights.sigma, weights.same_weekday, weights.same_daytype)
+
+    @torch.no_grad()
+    def set_origin_candidates(self, candidates_xy: np.ndarray) -> None:
+        """Point the regression origin's place ids at another city's candidates (L', 2) metres (zero-shot transfer:
+        the target windows hold target place ids); z-scored with this model's statistics. No-op without the origin."""
+        if self.origin is not None:
+            self.origin.candidates_z = self._zscore(np.asarray(candidates_xy)).to(self.origin.candidates_z.device)
+
+    @property
+    def uses_time_prior(self) -> bool:
+        """Whether `set_time_prior` changes this model (the copy mixture's or the regression origin's time term)."""
+        return ((self.pointer is not None and self.pointer.time_terms)
+                or (self.origin is not None and self.origin.time_terms))
 
     def candidate_location_embeddings(self) -> torch.Tensor:
         """(L, 128) function-aware embeddings of all candidates, by the same encoder as the current tokens."""
@@ -313,8 +339,19 @@ class NextLocMoE(nn.Module):
             state = self.next_visit(state, batch["next_hour"], batch["next_weekday"])    # (B, D)
         if seen is not None:
             seen.update(tokens=tokens, hidden=hidden, state=state)
-        if self.cfg.head == "regression":   # the offset head starts from the current record's place
-            origin = batch["cur_xy"][:, -1].to(state.device) if self.cfg.regression_offset else None  # (B, 2) z
+        if self.cfg.head == "regression":   # the offset head starts from its origin (model.regression_origin)
+            origin = None                                                               # the paper's absolute point
+            if self.origin is not None:                                                 # the scorer's top place
+                missing = [k for k in POINTER_KEYS + VISIT_TIME_KEYS if k not in batch]
+                if missing:
+                    raise DataError(f"batch lacks keys {missing}; model.regression_origin=scorer reads the window's "
+                                    "places and times (Windows.batch gives them)")
+                window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(state.device)
+                origin = self.origin(window, window_visit_time(batch, state.device) if self.origin.time_terms else None)
+            elif self.cfg.regression_offset:                                            # the current record's place
+                origin = batch["cur_xy"][:, -1].to(state.device)                        # (B, 2) z
+            if seen is not None and origin is not None:
+                seen["regression_origin"] = origin
             return ModelOutput(self.head(state, origin), None, location, personalized, h, seen)
         scores = self.head(state, self.candidate_location_embeddings())                 # (B, L)
         if seen is not None:
@@ -327,12 +364,7 @@ class NextLocMoE(nn.Module):
             P = hidden.shape[1] - batch["hist_location"].shape[1] - batch["cur_location"].shape[1]
             keys = final_norm_float32(self.llama.norm, hidden[:, P:])                     # (B, H + C, D)
             window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(scores.device)  # (B, H + C)
-            visit_time = None
-            if self.pointer.time_terms:
-                visit_time = {"hour": torch.cat([batch["hist_hour"], batch["cur_hour"]], dim=1).to(scores.device),
-                              "weekday": torch.cat([batch["hist_weekday"], batch["cur_weekday"]], dim=1).to(scores.device),
-                              "next_hour": batch["next_hour"].to(scores.device),
-                              "next_weekday": batch["next_weekday"].to(scores.device)}
+            visit_time = window_visit_time(batch, scores.device) if self.pointer.time_terms else None
             scores = self.pointer(state, keys, window, scores, seen, visit_time)          # (B, L) log p
         return ModelOutput(None, scores, location, personalized, h, seen)
 

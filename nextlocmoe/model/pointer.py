@@ -77,6 +77,41 @@ def circular_hour_difference(hour: torch.Tensor, next_hour: torch.Tensor) -> tor
     return torch.minimum(d, 24 - d)
 
 
+def time_prior_values(sigma: float, same_weekday: float, same_daytype: float) -> tuple[float, float, float]:
+    """(kappa, u, v) of the module docstring from a tuned scorer's (sigma, same_weekday, same_daytype): the log of
+    its visit weight. sigma = inf switches the hour term off (kappa = 0); bonuses of 0 switch theirs off."""
+    if not (sigma > 0 and same_weekday >= 0 and same_daytype >= 0):
+        raise DataError(f"set_time_prior(sigma={sigma!r}, same_weekday={same_weekday!r}, "
+                        f"same_daytype={same_daytype!r}); expected sigma > 0 (hours, inf = off) and bonuses >= 0")
+    return (0.0 if math.isinf(sigma) else 1.0 / (2.0 * sigma ** 2), math.log1p(same_weekday), math.log1p(same_daytype))
+
+
+def time_logits(visit_time: dict[str, torch.Tensor], hour_precision: torch.Tensor, same_weekday_bonus: torch.Tensor,
+                same_daytype_bonus: torch.Tensor) -> torch.Tensor:
+    """tau (B, T) float32 = -kappa dh^2 + u [same weekday] + v [same day type] (module docstring).
+
+    visit_time: "hour", "weekday" (B, T) of the window's records and "next_hour", "next_weekday" (B,) of the visit
+    to predict (batch keys of Windows.batch); the three scalars kappa, u, v."""
+    missing = [k for k in ("hour", "weekday", "next_hour", "next_weekday") if k not in visit_time]
+    if missing:
+        raise DataError(f"the time term needs {missing} (batch keys next_hour / next_weekday come from "
+                        "Windows.batch)")
+    hour, weekday = visit_time["hour"], visit_time["weekday"]
+    next_hour, next_weekday = visit_time["next_hour"], visit_time["next_weekday"]
+    same_weekday = (weekday == next_weekday[:, None]).float()
+    same_daytype = ((weekday >= WEEKEND) == (next_weekday[:, None] >= WEEKEND)).float()
+    return (-hour_precision * circular_hour_difference(hour, next_hour) ** 2
+            + same_weekday_bonus * same_weekday + same_daytype_bonus * same_daytype)   # (B, T)
+
+
+def window_visit_time(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The `visit_time` of a model batch: the window's hours and weekdays (history, then current records) and the
+    next visit's, on `device`."""
+    return {"hour": torch.cat([batch["hist_hour"], batch["cur_hour"]], dim=1).to(device),
+            "weekday": torch.cat([batch["hist_weekday"], batch["cur_weekday"]], dim=1).to(device),
+            "next_hour": batch["next_hour"].to(device), "next_weekday": batch["next_weekday"].to(device)}
+
+
 class CopyMixture(nn.Module):
     """g * p_copy + (1 - g) * p_gen over L candidates, from the state and the window's hidden states."""
 
@@ -114,26 +149,13 @@ class CopyMixture(nn.Module):
         """Start the time term at a tuned scorer's parameters (window_scorers.WindowWeights; sigma = inf: off)."""
         if not self.time_terms:
             raise DataError("set_time_prior: this copy mixture was built without time terms (time_terms=False)")
-        if not (sigma > 0 and same_weekday >= 0 and same_daytype >= 0):
-            raise DataError(f"set_time_prior(sigma={sigma!r}, same_weekday={same_weekday!r}, "
-                            f"same_daytype={same_daytype!r}); expected sigma > 0 (hours, inf = off) and bonuses >= 0")
-        self.hour_precision.fill_(0.0 if math.isinf(sigma) else 1.0 / (2.0 * sigma ** 2))
-        self.same_weekday_bonus.fill_(math.log1p(same_weekday))
-        self.same_daytype_bonus.fill_(math.log1p(same_daytype))
+        for param, value in zip((self.hour_precision, self.same_weekday_bonus, self.same_daytype_bonus),
+                                time_prior_values(sigma, same_weekday, same_daytype)):
+            param.fill_(value)
 
     def time_logits(self, visit_time: dict[str, torch.Tensor]) -> torch.Tensor:
-        """tau (B, T) float32 of the module docstring. visit_time: "hour", "weekday" (B, T) of the window's
-        records and "next_hour", "next_weekday" (B,) of the visit to predict."""
-        missing = [k for k in ("hour", "weekday", "next_hour", "next_weekday") if k not in visit_time]
-        if missing:
-            raise DataError(f"the copy mixture's time term needs {missing} (batch keys next_hour / next_weekday "
-                            "come from Windows.batch)")
-        hour, weekday = visit_time["hour"], visit_time["weekday"]
-        next_hour, next_weekday = visit_time["next_hour"], visit_time["next_weekday"]
-        same_weekday = (weekday == next_weekday[:, None]).float()
-        same_daytype = ((weekday >= WEEKEND) == (next_weekday[:, None] >= WEEKEND)).float()
-        return (-self.hour_precision * circular_hour_difference(hour, next_hour) ** 2
-                + self.same_weekday_bonus * same_weekday + self.same_daytype_bonus * same_daytype)   # (B, T)
+        """tau (B, T) float32 of the module docstring (see `time_logits`)."""
+        return time_logits(visit_time, self.hour_precision, self.same_weekday_bonus, self.same_daytype_bonus)
 
     def attention(self, state: torch.Tensor, keys: torch.Tensor,
                   visit_time: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
