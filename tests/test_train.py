@@ -200,6 +200,22 @@ def test_learning_curve_is_resumable_and_written_point_by_point(smoke_windows, t
     assert stamp["paired_vs_window_time"]["nextlocmoe_ranking/synthetic"] == json.loads(json.dumps(paired))
 
 
+@pytest.mark.slow
+def test_a_regression_curve_starts_at_the_scorers_distance_and_draws_the_last_location_floor(smoke_windows, tmp_path):
+    """The regression head's curve: its untrained start predicts the window_time scorer's top place (so its median
+    error is the scorer's, up to float32 near-ties, and not above last_location's), and last_location is a floor."""
+    from nextlocmoe.experiments.learning_curve import curve_summary, run_learning_curve
+    table = run_learning_curve("smoke", "nextlocmoe", "synthetic", 16, 1, tmp_path / "run",
+                               results_dir=tmp_path / "results", val_windows=40, overrides=["train.batch_size=16"])
+    floors = table[table["kind"] == "floor"].set_index("method")
+    assert sorted(floors.index) == ["last_location", "user_most_frequent", "window_time"]
+    start = table[(table["kind"] == "model") & (table["train_windows"] == 0)].iloc[0]
+    assert start["hit@1"] == pytest.approx(floors.loc["window_time", "hit@1"], abs=2 / 40)
+    assert start["dist_median_m"] <= floors.loc["last_location", "dist_median_m"]
+    summary = curve_summary(table.assign(curve="nextlocmoe/synthetic"))
+    assert summary["start_dist_median_m"].iloc[0] == start["dist_median_m"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # model.safetensors: the weights file to hand on
 

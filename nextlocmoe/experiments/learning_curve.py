@@ -10,7 +10,8 @@ a killed session loses at most the period in flight and the same command continu
 validation Hit@10, the untrained start included) is the trained model of that budget.
 
 The floors: `user_most_frequent` and the tuned `window_time` scorer (parameters chosen on the same validation
-windows, never test), evaluated on the same validation windows as every point of the curve.
+windows, never test), evaluated on the same validation windows as every point of the curve; for a regression head
+also `last_location`, the "stay where you are" floor of its median distance error.
 
     nextlocmoe curve --profile cpu --method nextlocmoe_ranking --dataset synthetic --windows-per-point 1024 --points 8
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..baselines import UserMostFrequent, evaluate_baseline, rank_baseline
+from ..baselines import LastLocation, UserMostFrequent, evaluate_baseline, rank_baseline
 from ..config import ExperimentConfig
 from ..data.prepare import prepare
 from ..errors import ConfigError
@@ -36,8 +37,8 @@ from ..runs import limited, load_checkpoint
 from ..window_scorers import make_scorer
 from .core import resolve_config, run_config
 
-CURVE_METRICS = ("hit@1", "hit@1_lo", "hit@1_hi", "hit@10", "mrr", "mrr_lo", "mrr_hi", "n")
-FLOORS = ("user_most_frequent", "window_time")
+CURVE_METRICS = ("hit@1", "hit@1_lo", "hit@1_hi", "hit@10", "mrr", "mrr_lo", "mrr_hi", "dist_median_m", "n")
+FLOORS = ("user_most_frequent", "window_time")   # and last_location for a regression head (its distance floor)
 
 
 def curve_config(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
@@ -54,8 +55,11 @@ def curve_config(profile: str, method: str, dataset: str, windows_per_point: int
 def floor_metrics(cfg: ExperimentConfig, windows: Any) -> dict[str, dict[str, float]]:
     """Validation metrics of the training-free floors on the curve's validation windows."""
     w = limited(windows, cfg)
-    return {"user_most_frequent": evaluate_baseline(UserMostFrequent().fit(w), w, "val"),
-            "window_time": evaluate_baseline(make_scorer("window_time").fit(w), w, "val")}
+    floors = {"user_most_frequent": evaluate_baseline(UserMostFrequent().fit(w), w, "val"),
+              "window_time": evaluate_baseline(make_scorer("window_time").fit(w), w, "val")}
+    if cfg.model.head == "regression":
+        floors["last_location"] = evaluate_baseline(LastLocation().fit(w), w, "val")
+    return floors
 
 
 def curve_table(method: str, dataset: str, history: pd.DataFrame, floors: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -107,13 +111,17 @@ def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: Exper
     shown = table.copy()
     for c in ("hit@1", "hit@10", "mrr"):
         shown[c] = shown[c].map(lambda v: f"{v:.4f}")
-    for c in ("point", "train_windows"):       # a floor has neither: an empty cell, not "nan"
-        shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    for c in ("point", "train_windows", "dist_median_m"):   # a floor has no point: an empty cell, not "nan"
+        if c not in shown.columns:                             # a table written before the column existed
+            shown[c] = None
+        shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else f"{int(round(v)):,}")
     md = ("# Learning curves (validation)\n\n"
           "Validation Hit@1, Hit@10 and MRR after each period of training windows (point 0 = the untrained start), "
           "and the training-free floors on the same validation windows (95% intervals in the CSV: Wilson for "
-          "Hit@k, bootstrap for MRR).\n\n"
-          + markdown_table(shown[["curve", "kind", "method", "point", "train_windows", "hit@1", "hit@10", "mrr", "n"]]))
+          "Hit@k, bootstrap for MRR); dist_median_m is the median distance error in metres (point predictions: "
+          "the regression head's point, a ranker's top place).\n\n"
+          + markdown_table(shown[["curve", "kind", "method", "point", "train_windows", "hit@1", "hit@10", "mrr",
+                                  "dist_median_m", "n"]]))
     stamp = provenance(cfg.profile, seed=cfg.train.seed, data_checksum=windows.meta.get("checksum"),
                        command="nextlocmoe curve", curves={f"{key[0]}/{key[1]}": cfg.to_dict()})
     if (Path(results_dir) / "learning_curve.json").exists():
@@ -145,7 +153,9 @@ def curve_summary(table: pd.DataFrame, metric: str = "mrr", tolerance: float = 0
                      "flattens_at": int(flat["train_windows"]),
                      "window_time_hit@1": None if f is None else f["hit@1"],
                      "window_time_mrr": None if f is None else f["mrr"],
-                     "beats_floor": None if f is None else bool(best[f"{metric}_lo"] > f[metric])})
+                     "beats_floor": None if f is None else bool(best[f"{metric}_lo"] > f[metric]),
+                     **({"start_dist_median_m": start["dist_median_m"], "best_dist_median_m": best["dist_median_m"]}
+                        if "dist_median_m" in model.columns else {})})
     return pd.DataFrame(rows)
 
 
