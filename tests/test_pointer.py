@@ -37,7 +37,8 @@ def test_copy_mixture_equals_a_loop_over_windows_and_is_normalised():
         for p in mix.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     state, keys, window, gen = random_inputs()
-    log_p = mix(state, keys, window, gen)                                        # (B, L)
+    with torch.no_grad():
+        log_p = mix(state, keys, window, gen)                                    # (B, L)
     B, T = window.shape
     for b in range(B):
         q = mix.query.weight.double() @ state[b].double() + mix.query.bias.double()
