@@ -24,7 +24,7 @@ from .data.windows import Windows
 from .errors import ConfigError
 from .metrics import CandidateIndex, rank_predictions
 from .model.nextlocmoe import NextLocMoE
-from .model.pointer import window_visit_time
+from .model.pointer import window_places
 
 EQUATIONS: dict[str, str] = {
     "records": "a window = S_h = 40 history records + S_c = 5 current records r_t = (x_t, y_t, weekday_t, hour_t, "
@@ -190,11 +190,9 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
         table = pd.DataFrame({"rank": np.arange(1, idx.shape[1] + 1), "place": idx[0], "distance_m": dist[0].round(1),
                               "is target": idx[0] == target})
         walk.pred_xy = pred
-        origin = ""
-        if model.origin is not None:   # which place the offset starts from (model.regression_origin=scorer)
-            window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)
-            visit_time = window_visit_time(batch, window.device) if model.origin.time_terms else None
-            origin = f"origin: place {int(model.origin.top_place(window, visit_time)[0])} (the scorer's top); "
+        origin = ""                    # which place the offset starts from (model.regression_origin=scorer)
+        if "regression_origin_place" in seen:
+            origin = f"origin: place {int(seen['regression_origin_place'][0])} (the scorer's top); "
         walk.steps.append(Step("regression", EQUATIONS["regression"], {"point": (2,)}, table,
                                note=f"{origin}predicted ({pred[0]:.0f}, {pred[1]:.0f}) m; target ({true_xy[0, 0]:.0f}, "
                                     f"{true_xy[0, 1]:.0f}) m; error {ranked.error_m[0]:.0f} m; the target (place "
@@ -202,7 +200,7 @@ def walk_window(model: NextLocMoE, windows: Windows, split: str = "test", index:
     else:
         scores = out.scores                                                                  # (1, L)
         order = torch.argsort(scores[0], descending=True, stable=True)[:top].cpu().numpy()  # ties -> lower id
-        window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1)[0].cpu().numpy()  # (H + C,)
+        window = window_places(batch, torch.device("cpu"))[0].numpy()                     # (H + C,)
         visits = np.bincount(window, minlength=scores.shape[-1])
         table = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "place": order,
                               "p": scores[0, order].exp().cpu().numpy().round(4),

@@ -153,10 +153,6 @@ class ScorerOrigin(nn.Module):
         place_weight = (same_place * weight[:, None, :]).sum(-1)                                      # (B, T)
         return window_location.gather(1, place_weight.argmax(-1, keepdim=True)).squeeze(1)            # (B,)
 
-    def forward(self, window_location: torch.Tensor, visit_time: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """-> (B, 2) z-scored coordinates of `top_place`."""
-        return self.candidates_z[self.top_place(window_location, visit_time)]
-
 
 # ---------------------------------------------------------------------------------------------------------
 # ranking (this project's extension)

@@ -45,7 +45,7 @@ from .heads import RankingHead, RegressionHead, ScorerOrigin, final_norm_float32
 from .history_router import HistoryRouter
 from .location_moe import LocationSemanticsMoE
 from .personalized_moe import MoEOutput, PersonalizedMoE
-from .pointer import CopyMixture, window_visit_time
+from .pointer import CopyMixture, window_places, window_visit_time
 from .texts import FUNCTION_DESCRIPTIONS, ROLE_DESCRIPTIONS, TASK_PROMPT, role_names
 
 BATCH_KEYS = ("hist_xy", "hist_weekday", "hist_hour", "hist_duration",
@@ -75,6 +75,7 @@ INTERMEDIATES = {   # what forward(return_intermediates=True) records, in the or
     "generator_scores": "(B, L) the ranking head's scores before the copy mixture (ranking head only)",
     "regression_origin": "(B, 2) z-scored origin of the offset regression head (the scorer's top place or the current "
                          "record's; regression head with model.regression_offset only)",
+    "regression_origin_place": "(B,) the place id of that origin (model.regression_origin=scorer only)",
     "copy_gate": "(B, 1) g, the probability of copying (ranking head with the copy mixture only)",
     "copy_attention": "(B, H + C) the copy mixture's attention over the window's records (idem)",
 }
@@ -346,8 +347,11 @@ class NextLocMoE(nn.Module):
                 if missing:
                     raise DataError(f"batch lacks keys {missing}; model.regression_origin=scorer reads the window's "
                                     "places and times (Windows.batch gives them)")
-                window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(state.device)
-                origin = self.origin(window, window_visit_time(batch, state.device) if self.origin.time_terms else None)
+                visit_time = window_visit_time(batch, state.device) if self.origin.time_terms else None
+                place = self.origin.top_place(window_places(batch, state.device), visit_time)   # (B,) place ids
+                origin = self.origin.candidates_z[place]                                        # (B, 2) z
+                if seen is not None:
+                    seen["regression_origin_place"] = place
             elif self.cfg.regression_offset:                                            # the current record's place
                 origin = batch["cur_xy"][:, -1].to(state.device)                        # (B, 2) z
             if seen is not None and origin is not None:
@@ -363,7 +367,7 @@ class NextLocMoE(nn.Module):
                                 "place ids (Windows.batch gives them)")
             P = hidden.shape[1] - batch["hist_location"].shape[1] - batch["cur_location"].shape[1]
             keys = final_norm_float32(self.llama.norm, hidden[:, P:])                     # (B, H + C, D)
-            window = torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(scores.device)  # (B, H + C)
+            window = window_places(batch, scores.device)                                  # (B, H + C)
             visit_time = window_visit_time(batch, scores.device) if self.pointer.time_terms else None
             scores = self.pointer(state, keys, window, scores, seen, visit_time)          # (B, L) log p
         return ModelOutput(None, scores, location, personalized, h, seen)

@@ -104,6 +104,11 @@ def time_logits(visit_time: dict[str, torch.Tensor], hour_precision: torch.Tenso
             + same_weekday_bonus * same_weekday + same_daytype_bonus * same_daytype)   # (B, T)
 
 
+def window_places(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(B, H + C) the place ids of a model batch's window (history, then current records), on `device`."""
+    return torch.cat([batch["hist_location"], batch["cur_location"]], dim=1).to(device)
+
+
 def window_visit_time(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The `visit_time` of a model batch: the window's hours and weekdays (history, then current records) and the
     next visit's, on `device`."""
