@@ -38,7 +38,6 @@ from ..window_scorers import make_scorer
 from .core import resolve_config, run_config
 
 CURVE_METRICS = ("hit@1", "hit@1_lo", "hit@1_hi", "hit@10", "mrr", "mrr_lo", "mrr_hi", "dist_median_m", "n")
-FLOORS = ("user_most_frequent", "window_time")   # and last_location for a regression head (its distance floor)
 
 
 def curve_config(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
