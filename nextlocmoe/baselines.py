@@ -531,7 +531,16 @@ class NeuralBaseline(Baseline):
         return (as_ids(location), as_ids(weekday), as_ids(hour), as_ids(_get(batch, "next_hour")),
                 as_ids(_get(batch, "next_weekday")))
 
-    def fit(self, windows: Any, cfg: NeuralBaselineConfig | None = None) -> "NeuralBaseline":
+    def fit(self, windows: Any, cfg: NeuralBaselineConfig | None = None,
+            observe: Callable[["NeuralBaseline", int], bool | None] | None = None,
+            observe_every: int | None = None) -> "NeuralBaseline":
+        """Train on the training split (class docstring). `observe(self, windows_seen)`, when given, is called with
+        the network in eval mode before the first step (windows_seen = 0) and after the first step at which
+        windows_seen reaches each multiple of `observe_every` (exactly there when it is a multiple of batch_size and
+        the epoch's windows are); it returning True stops training there (a learning curve,
+        experiments/learning_curve.py). It sees the weights as they are at that step, not the best epoch's."""
+        if observe is not None and not (isinstance(observe_every, int) and observe_every >= 1):
+            raise ConfigError(f"observe_every={observe_every!r}; expected an integer >= 1 (training windows)")
         if exists(cfg):
             self.cfg = cfg.validate(self.needs_heads)
         cfg = self.cfg
@@ -565,7 +574,8 @@ class NeuralBaseline(Baseline):
             self.net.train()
             bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"fit {self.name}", unit="step",
                        disable=not cfg.progress, leave=False)
-            for epoch in range(cfg.epochs):
+            seen, mark, stop = 0, observe_every, self._observe(observe, 0)
+            for epoch in range(cfg.epochs if not stop else 0):
                 order = rng.permutation(n_train)
                 epoch_loss = 0.0
                 for first in range(0, n_train, cfg.batch_size):
@@ -585,6 +595,14 @@ class NeuralBaseline(Baseline):
                     epoch_loss += step_loss * len(idx)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.3f}")
+                    seen += len(idx)
+                    if observe is not None and seen >= mark:
+                        mark += observe_every * (1 + (seen - mark) // observe_every)
+                        if self._observe(observe, seen):
+                            stop = True
+                            break
+                if stop:
+                    break
                 self.loss_history.append(epoch_loss / n_train)
                 if val_windows is not None:
                     best = self._validate(val_windows, epoch, best)
@@ -597,6 +615,15 @@ class NeuralBaseline(Baseline):
         self.net.eval()
         self.fit_seconds = time.perf_counter() - start
         return self
+
+    def _observe(self, observe: Callable[["NeuralBaseline", int], bool | None] | None, seen: int) -> bool:
+        """Call `observe(self, seen)` with the network in eval mode (fit's docstring); True = stop training."""
+        if observe is None:
+            return False
+        self.net.eval()
+        stop = bool(observe(self, seen))
+        self.net.train()
+        return stop
 
     def _validate(self, val_windows: Any, epoch: int, best: dict[str, Any] | None) -> dict[str, Any]:
         """Validation Hit@10 after `epoch` (0-based), appended to val_history; the better of `best` and now."""

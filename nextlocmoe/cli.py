@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from .config import PROFILES, config_hash
-from .errors import NextLocMoEError
+from .baselines import NEURAL_BASELINES
+from .errors import ConfigError, NextLocMoEError
 from .io import check_writable, os_error_cause
 from .experiments import DATASET_SOURCES, experiment_names, methods, resolve_config, run_config
 
@@ -33,10 +34,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "applied in order after --config)")
 
 
-def _add_model_choice(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="nextlocmoe", choices=[m.name for m in methods(family="model")],
+def _add_model_choice(p: argparse.ArgumentParser, also: tuple[str, ...] = ()) -> None:
+    p.add_argument("--method", default="nextlocmoe", choices=[m.name for m in methods(family="model")] + list(also),
                    help="which model (default: nextlocmoe, the paper's); the same configuration the supervised "
-                        "experiment trains for this method and dataset")
+                        "experiment trains for this method and dataset" + (f"; or a neural baseline ({', '.join(also)})"
+                                                                            if also else ""))
     p.add_argument("--dataset", default=None, choices=sorted(DATASET_SOURCES),
                    help="dataset of the profile's plan (default: the plan's first)")
 
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("curve", help="a learning curve: validation Hit@1 / MRR against training windows, resumable, "
                                      "written to results/learning_curve.*")
     _add_common(p)
-    _add_model_choice(p)
+    _add_model_choice(p, also=NEURAL_BASELINES)
     p.add_argument("--windows-per-point", type=int, required=True, help="training windows between validation points")
     p.add_argument("--points", type=int, required=True, help="validation points after the untrained start")
     p.add_argument("--val-windows", type=int, default=1000, help="validation windows per point (default: 1000)")
@@ -107,8 +109,6 @@ def default_run_dir(cfg, method: str, dataset: str | None) -> str:
 
 
 def _humob_paths(items: list[str]) -> dict[str, str] | None:
-    from .errors import ConfigError
-
     paths = {}
     for item in items:
         city, sep, path = item.partition("=")
@@ -191,9 +191,17 @@ def main(argv: list[str] | None = None) -> int:
                                         humob_paths=humob if name == "zero_shot" else None)
                 print(result.paths["md"].read_text())
         elif args.command == "curve":
-            from .experiments.learning_curve import compare_with_floor, run_learning_curve
+            from .experiments.learning_curve import compare_with_floor, run_baseline_curve, run_learning_curve
 
             dataset = args.dataset or cfg.plan.datasets[0]
+            if args.method in NEURAL_BASELINES:    # trains in minutes: one fit, its comparison recorded at the end
+                if args.compare or args.out:
+                    raise ConfigError(f"--compare and --out are for the LLM-based models' resumable curves; the "
+                                      f"{args.method} curve is one fit that records its paired comparison itself")
+                check_outputs(args)
+                run_baseline_curve(args.profile, args.method, dataset, args.windows_per_point, args.points,
+                                   results_dir=args.results, val_windows=args.val_windows, overrides=args.overrides)
+                return 0
             out = Path(args.out or f"runs/curves/{cfg.profile}-{args.method}-{dataset}")
             check_outputs(args, out)
             step = compare_with_floor if args.compare else run_learning_curve

@@ -49,3 +49,15 @@ def test_text_overrides_stay_text_where_yaml_would_read_a_boolean():
     cfg = load_config("smoke", overrides=["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
     assert load_config("smoke", overrides=["train.epochs=3"]).train.epochs == 3
+
+
+def test_a_neural_baselines_budget_is_the_plans_unless_baseline_budgets_names_it(tmp_path):
+    cfg = load_config("cpu")
+    assert cfg.plan.baseline_budget("lstm") == {"epochs": 5, "patience": 2, "train_windows": 4096}
+    assert cfg.plan.baseline_budget("transformer_pointer") == {"epochs": 3, "patience": 2, "train_windows": None}
+    path = tmp_path / "budget.yaml"
+    path.write_text("plan:\n  baseline_budgets:\n    lstm:\n      epochs: 1\n")      # a free-form mapping
+    assert load_config("cpu", path).plan.baseline_budget("lstm")["epochs"] == 1
+    path.write_text("plan:\n  baseline_budgets:\n    lstm:\n      lr: 0.1\n")
+    with pytest.raises(ConfigError, match="baseline_budgets"):
+        load_config("cpu", path)

@@ -583,7 +583,7 @@ def test_untrained_regression_head_starts_at_the_tuned_scorers_top_place(tmp_pat
     with pytest.raises(DataError, match="hist_location"):
         model({k: v for k, v in batch.items() if k != "hist_location"})
     shifted = windows.candidates + 1000.0        # another city's candidates (zero-shot): the origin follows them
-    model.set_origin_candidates(shifted)
+    model.set_candidates(shifted, windows.candidate_function)
     np.testing.assert_allclose(model(batch).pred_xy.double().numpy()[at_top], shifted[top][at_top], atol=0.05)
 
 

@@ -692,6 +692,21 @@ def test_learning_curves_draw_each_point_and_each_floor_with_its_band():
     assert floor.get_ydata()[0] == pytest.approx(0.285)
     with pytest.raises(ConfigError, match="mrr_lo"):
         plots.plot_learning_curves(table.drop(columns="mrr_lo"))
+    # by dataset: a second model's curve on the same validation windows joins the same panel, the floors once
+    other = table.assign(curve="transformer_pointer/nyc", method=table["method"].where(table["kind"] == "floor",
+                                                                                        "transformer_pointer"))
+    other.loc[other["kind"] == "model", "hit@1"] += 0.01
+    both = pd.concat([table, other], ignore_index=True).assign(dataset="nyc")
+    fig = plots.plot_learning_curves(both, by="dataset")
+    check_readable(fig)
+    ax_hit, _ = data_axes(fig)
+    labels = [l.get_label() for l in ax_hit.lines]
+    assert "nextlocmoe_ranking (validation), best 0.200" in labels
+    assert "transformer_pointer (validation), best 0.210" in labels
+    assert sum(label.startswith("window_time") for label in labels) == 1
+    assert ax_hit.get_title() == "nyc: nextlocmoe_ranking vs transformer_pointer"
+    with pytest.raises(ConfigError, match="by="):
+        plots.plot_learning_curves(both, by="method")
 
 
 def test_curve_summary_finds_the_best_point_where_it_flattens_and_compares_with_the_floor():

@@ -237,3 +237,47 @@ def test_untrained_pointer_head_with_its_time_prior_ranks_like_the_tuned_window_
     untimed.set_popularity_prior(Popularity("targets").fit(windows).counts)
     plain = ranks_from_scores(untimed({k: torch.as_tensor(v) for k, v in batch.items()}).scores.numpy(), target)
     assert (plain != theirs).sum() > 2 * max(1, (ours != theirs).sum())   # the prior changed the ranking
+
+
+@torch.no_grad()
+def test_untrained_ranking_head_transferred_to_another_city_ranks_like_the_scorer_with_source_parameters(tmp_path):
+    """Zero-shot transfer of the ranking head (NextLocMoE.set_candidates): it scores the TARGET city's candidates
+    (another count of places), its per-candidate bias restarts at 0 (the target has no popularity), and the untrained
+    model ranks every target window exactly like window_time with the source's parameters and no popularity prior:
+    the window's places by the scorer's weights, every other place tied below them."""
+    import dataclasses
+
+    from nextlocmoe.errors import ConfigError
+    from nextlocmoe.experiments import second_city
+    from nextlocmoe.window_scorers import make_scorer
+    cfg = load_config("smoke", overrides=["model.head=ranking", "model.use_prompt=false"])
+    source = prepare(cfg.data, cache_dir=tmp_path)
+    target = prepare(second_city(cfg.data), cache_dir=tmp_path)
+    assert target.n_locations != source.n_locations
+    torch.manual_seed(0)
+    model = build_model(cfg.model, source.stats, source.candidates, source.candidate_function,
+                        source.history + source.current).eval()
+    model.set_popularity_prior(Popularity("targets").fit(source).counts)
+    model.set_copy_rate(source.repeat_rate("train"))
+    chosen = make_scorer("window_time").fit(source)           # parameters chosen on the source's validation split
+    assert math.isfinite(chosen.weights.sigma)
+    model.set_time_prior(chosen.weights)
+    model.set_candidates(target.candidates, target.candidate_function)
+    assert model.head.candidate_bias.shape == (target.n_locations,) and not model.head.candidate_bias.any()
+    assert model.head.candidate_function.tolist() == target.candidate_function.tolist()
+    windows = dataclasses.replace(target, stats=source.stats)   # inputs on the source's scale, as in zero_shot
+    batch = windows.batch("test", np.arange(windows.n_windows("test")))
+    scores = model({k: torch.as_tensor(v) for k, v in batch.items()}).scores.numpy()
+    assert scores.shape == (len(batch["target_location"]), target.n_locations)
+    scorer = make_scorer("window_time", use_popularity=False).fit(windows, weights=chosen.weights)
+    target_place = batch["target_location"]
+    ours, theirs = ranks_from_scores(scores, target_place), ranks_from_scores(scorer.score(batch), target_place)
+    assert (ours != theirs).sum() <= 2 and (ours == theirs).mean() >= 0.99
+    outside = ~(input_locations(batch) == target_place[:, None]).any(1)
+    assert outside.any() and (ours[outside] == theirs[outside]).all()   # unvisited places: the same tie
+    with pytest.raises(DataError, match="candidate_function"):
+        model.set_candidates(target.candidates, target.candidate_function[:-1])
+    with_ids = build_model(dataclasses.replace(cfg.model, ranking_id_embedding=True), source.stats, source.candidates,
+                           source.candidate_function, source.history + source.current)
+    with pytest.raises(ConfigError, match="ranking_id_embedding"):
+        with_ids.set_candidates(target.candidates, target.candidate_function)

@@ -102,6 +102,18 @@ def test_retraining_ignores_the_shipped_model_and_rebuilds_the_same_weights(ship
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
+def test_a_model_asked_not_to_be_shipped_is_trained_but_not_exported(shipped):
+    """The zero-shot ranking sources (experiments.zero_shot.UNSHIPPED_SOURCES) train in every reproduction: a runner
+    that ships its experiment's models leaves them out when asked (ship=False)."""
+    root = shipped["root"]
+    runner = Runner("supervised", "smoke", runs_dir=root / "runs4", cache_dir=shipped["cache"], plan=SHIPS,
+                    shipped_dir=root / "not_shipped")
+    record = runner.trained_model(shipped["cfg"], shipped["data"], name="kept-out", ship=False)
+    assert runner.trained == 1 and record["origin"] == "trained" and "shipped" not in record
+    assert not (root / "not_shipped" / "smoke" / "kept-out").exists()
+
+
 def test_the_shipped_models_fit_in_100_mib():
     assert COMMITTED, "the cpu profile ships its supervised and zero-shot models in checkpoints/cpu/"
     size = sum((p.parent / "model.safetensors").stat().st_size for p in COMMITTED)

@@ -216,6 +216,41 @@ def test_a_regression_curve_starts_at_the_scorers_distance_and_draws_the_last_lo
     assert summary["start_dist_median_m"].iloc[0] == start["dist_median_m"]
 
 
+@pytest.mark.slow
+def test_a_neural_baselines_curve_starts_at_the_unfitted_model_and_records_its_paired_comparison(smoke_windows, tmp_path):
+    """transformer_pointer's curve (run_baseline_curve): point 0 is the model before its first step (what a fit with
+    no training would score), a point after each period of windows (across passes), the
+    ranking floors only, and the best point by validation Hit@10 paired with window_time on the same windows."""
+    from nextlocmoe.baselines import NeuralBaselineConfig, evaluate_baseline, make_baseline
+    from nextlocmoe.experiments.learning_curve import baseline_curve_config, run_baseline_curve
+    results = tmp_path / "results"
+    table = run_baseline_curve("smoke", "transformer_pointer", "synthetic", 128, 3, results_dir=results,
+                               val_windows=40)
+    model = table[table["kind"] == "model"]
+    assert model["point"].tolist() == [0, 1, 2, 3]
+    # each point at the first step that reaches its mark (216 training windows a pass: batches of 128 and 88)
+    assert all(128 * p <= w < 128 * (p + 1) for p, w in zip(model["point"], model["train_windows"]))
+    assert model["train_windows"].tolist()[:2] == [0, 128]
+    assert sorted(table[table["kind"] == "floor"]["method"]) == ["user_most_frequent", "window_time"]
+    cfg, baseline_cfg = baseline_curve_config("smoke", "transformer_pointer", "synthetic", 128, 3, val_windows=40)
+    assert baseline_cfg.max_train_windows is None and baseline_cfg.patience is None
+    from nextlocmoe.runs import limited
+    val = limited(smoke_windows, cfg)
+    stopped = make_baseline("transformer_pointer", NeuralBaselineConfig(**{**baseline_cfg.to_dict(), "epochs": 1}))
+    stopped.fit(smoke_windows, observe=lambda m, seen: True, observe_every=128)   # stops before its first step
+    assert stopped.step_losses == [] and evaluate_baseline(stopped, val, "val")["mrr"] == pytest.approx(
+        model["mrr"].iloc[0])
+    stamp = json.loads((results / "learning_curve.json").read_text())
+    paired = stamp["paired_vs_window_time"]["transformer_pointer/synthetic"]
+    best = model.loc[model["hit@10"].idxmax()]
+    assert paired["best_point"] == best["point"] and paired["n"] == best["n"] == val.n_windows("val")
+    assert "baseline" in stamp["curves"]["transformer_pointer/synthetic"]
+    with pytest.raises(ConfigError, match="no baseline curve"):
+        baseline_curve_config("smoke", "markov", "synthetic", 128, 3)
+    with pytest.raises(ConfigError, match="observe_every"):
+        make_baseline("transformer_pointer").fit(smoke_windows, observe=lambda m, seen: None, observe_every=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # model.safetensors: the weights file to hand on
 

@@ -229,11 +229,12 @@ class Runner:
         self.records.append(record)
         return record
 
-    def trained_model(self, cfg: ExperimentConfig, data: DatasetHandle, name: str | None = None) -> dict[str, Any]:
+    def trained_model(self, cfg: ExperimentConfig, data: DatasetHandle, name: str | None = None,
+                      ship: bool = True) -> dict[str, Any]:
         """The record of the model of `cfg` trained on `data`: from the run cache, else installed from the shipped
         models (checkpoints/<profile>, found by the same key), else trained here (and shipped, when the plan
-        ships this experiment's models: then `name` names its folder). NEXTLOCMOE_RETRAIN=1 skips the shipped
-        ones (make retrain)."""
+        ships this experiment's models and `ship` is true: then `name` names its folder). NEXTLOCMOE_RETRAIN=1
+        skips the shipped ones (make retrain)."""
         key = stable_hash({"config": training_dict(cfg), "data": data.fingerprint, "format": MODEL_FORMAT_VERSION})
         model_dir = self.runs_dir / "models" / slug(data.config.source, cfg.model.head, key)
         path = model_dir / "model.json"
@@ -255,7 +256,7 @@ class Runner:
             write_json_atomic(path, record)
             self.trained += 1
             self.retrained.add(key)
-        if self.ships and record.get("origin") == "trained" and key not in self.shipped:
+        if self.ships and ship and record.get("origin") == "trained" and key not in self.shipped:
             name = name or slug(data.name, cfg.model.head, key[:8])
             shipped = export_model(model_dir, record, cfg, data.windows, self.shipped_root / name, name)
             record = {**shipped, "dir": record["dir"], "shipped": (self.shipped_root / name).as_posix()}

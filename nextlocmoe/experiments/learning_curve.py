@@ -14,6 +14,13 @@ windows, never test), evaluated on the same validation windows as every point of
 also `last_location`, the "stay where you are" floor of its median distance error.
 
     nextlocmoe curve --profile cpu --method nextlocmoe_ranking --dataset synthetic --windows-per-point 1024 --points 8
+
+The neural baselines (lstm, transformer, transformer_pointer) have curves too (`run_baseline_curve`): one fit of the
+baseline's supervised configuration over every training window with no early stop, observed at the start and
+after every `windows_per_point` windows on the same validation windows and floors; not resumable (minutes), and its
+best point by validation Hit@10 is compared with window_time, paired, when the fit ends.
+
+    nextlocmoe curve --profile cpu --method transformer_pointer --dataset nyc --windows-per-point 2048 --points 8
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..baselines import LastLocation, UserMostFrequent, evaluate_baseline, rank_baseline
+from ..baselines import (NEURAL_BASELINES, LastLocation, NeuralBaselineConfig, UserMostFrequent, evaluate_baseline,
+                         make_baseline, rank_baseline)
 from ..config import ExperimentConfig
 from ..data.prepare import prepare
 from ..errors import ConfigError
@@ -35,7 +43,9 @@ from ..metrics import paired_comparison
 from ..results import markdown_table, write_results
 from ..runs import limited, load_checkpoint
 from ..window_scorers import make_scorer
-from .core import resolve_config, run_config
+from .core import job_config, resolve_config, run_config
+from .datasets import dataset_config
+from .registry import get_method
 
 CURVE_METRICS = ("hit@1", "hit@1_lo", "hit@1_hi", "hit@10", "mrr", "mrr_lo", "mrr_hi", "dist_median_m", "n")
 
@@ -51,12 +61,14 @@ def curve_config(profile: str, method: str, dataset: str, windows_per_point: int
     return cfg
 
 
-def floor_metrics(cfg: ExperimentConfig, windows: Any) -> dict[str, dict[str, float]]:
-    """Validation metrics of the training-free floors on the curve's validation windows."""
+def floor_metrics(cfg: ExperimentConfig, windows: Any, point_predictions: bool | None = None
+                  ) -> dict[str, dict[str, float]]:
+    """Validation metrics of the training-free floors on the curve's validation windows; with point predictions
+    (default: cfg.model.head == "regression") also last_location's."""
     w = limited(windows, cfg)
     floors = {"user_most_frequent": evaluate_baseline(UserMostFrequent().fit(w), w, "val"),
               "window_time": evaluate_baseline(make_scorer("window_time").fit(w), w, "val")}
-    if cfg.model.head == "regression":
+    if cfg.model.head == "regression" if point_predictions is None else point_predictions:
         floors["last_location"] = evaluate_baseline(LastLocation().fit(w), w, "val")
     return floors
 
@@ -96,7 +108,75 @@ def run_learning_curve(profile: str, method: str, dataset: str, windows_per_poin
     return table
 
 
-def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: ExperimentConfig, windows: Any) -> None:
+def baseline_curve_config(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
+                          val_windows: int = 1000, overrides: list[str] | tuple[str, ...] = ()
+                          ) -> tuple[ExperimentConfig, NeuralBaselineConfig]:
+    """A neural baseline's curve: the profile's data for `dataset`, `val_windows` validation windows, and the
+    baseline's supervised configuration (experiments/methods.py) with every training window, no early stop and
+    enough passes for points x windows_per_point windows (set by run_baseline_curve once the data are known)."""
+    if method not in NEURAL_BASELINES:
+        raise ConfigError(f"method '{method}' has no baseline curve; expected one of {list(NEURAL_BASELINES)}")
+    if not (isinstance(windows_per_point, int) and windows_per_point >= 1 and isinstance(points, int) and points >= 1):
+        raise ConfigError(f"windows_per_point={windows_per_point!r}, points={points!r}; expected integers >= 1")
+    cfg = resolve_config(profile, overrides=overrides)
+    cfg = job_config(cfg, dataset_config(dataset, cfg), cfg.model,
+                     {"max_train_windows": None, "max_eval_windows": val_windows})
+    baseline = get_method(method).make(cfg.plan, cfg.train.seed).cfg
+    return cfg, dataclasses.replace(baseline, max_train_windows=None, patience=None)
+
+
+def run_baseline_curve(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
+                       results_dir: str | os.PathLike = "results", val_windows: int = 1000,
+                       overrides: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """The learning curve of a neural baseline (lstm, transformer, transformer_pointer): one fit over every training
+    window, a validation point at the start and after each `windows_per_point` windows (`NeuralBaseline.fit`'s
+    observe), merged into results/learning_curve.* after each point. Not resumable: these models train in minutes.
+    The best point by validation Hit@10 (the rule of the supervised runs) is then compared with window_time on the
+    same windows (paired tests, results/learning_curve.json "paired_vs_window_time")."""
+    cfg, baseline_cfg = baseline_curve_config(profile, method, dataset, windows_per_point, points, val_windows,
+                                              overrides)
+    windows = prepare(cfg.data)
+    n_train = windows.n_windows("train")
+    baseline_cfg = dataclasses.replace(baseline_cfg, epochs=-(-points * windows_per_point // n_train))
+    cfg.train = dataclasses.replace(cfg.train, windows_per_epoch=windows_per_point, epochs=points)   # the stamp
+    floors = floor_metrics(cfg, windows, point_predictions=False)      # a classifier ranks candidates
+    val = limited(windows, cfg)
+    floor_ranks = rank_baseline(make_scorer("window_time").fit(val), val, "val").rank
+    history, ranks = [], {}
+
+    def observe(model: Any, seen: int) -> bool:
+        ranked = rank_baseline(model, val, "val", desc=f"val {method}")
+        point = len(history)
+        history.append({"epoch": point, "train_windows": seen,
+                        **{f"val_{m}": v for m, v in ranked.metrics().items()}})
+        ranks[point] = ranked.rank
+        table = curve_table(method, dataset, pd.DataFrame(history), floors)
+        write_curves(results_dir, table, cfg, windows, {"baseline": baseline_cfg.to_dict()})
+        last = history[-1]
+        print(f"{method} {dataset}: point {point}/{points}, {seen} training windows, val Hit@1 "
+              f"{last['val_hit@1']:.4f}, MRR {last['val_mrr']:.4f} (window_time {floors['window_time']['hit@1']:.4f}"
+              f" / {floors['window_time']['mrr']:.4f})", flush=True)
+        return point >= points
+
+    make_baseline(method, baseline_cfg).fit(windows, observe=observe, observe_every=windows_per_point)
+    best = max(range(len(history)), key=lambda i: (history[i]["val_hit@10"], -i))   # earliest of equals
+    record_comparison(results_dir, f"{method}/{dataset}", {
+        "best_point": best, "best_train_windows": history[best]["train_windows"], "points_done": len(history) - 1,
+        **paired_comparison(ranks[best], floor_ranks)})
+    return curve_table(method, dataset, pd.DataFrame(history), floors)
+
+
+def record_comparison(results_dir: str | os.PathLike, curve: str, result: dict[str, Any]) -> None:
+    """Store one curve's paired comparison with window_time in results/learning_curve.json."""
+    path = Path(results_dir) / "learning_curve.json"
+    if path.exists():
+        stamp = json.loads(path.read_text())
+        stamp.setdefault("paired_vs_window_time", {})[curve] = result
+        write_json_atomic(path, stamp)
+
+
+def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: ExperimentConfig, windows: Any,
+                 extra: dict[str, Any] | None = None) -> None:
     """Merge `table` (one curve) into results/learning_curve.{csv,md,json}."""
     path = Path(results_dir) / "learning_curve.csv"
     key = (table["method"].iloc[0], table["dataset"].iloc[0])
@@ -122,7 +202,7 @@ def write_curves(results_dir: str | os.PathLike, table: pd.DataFrame, cfg: Exper
           + markdown_table(shown[["curve", "kind", "method", "point", "train_windows", "hit@1", "hit@10", "mrr",
                                   "dist_median_m", "n"]]))
     stamp = provenance(cfg.profile, seed=cfg.train.seed, data_checksum=windows.meta.get("checksum"),
-                       command="nextlocmoe curve", curves={f"{key[0]}/{key[1]}": cfg.to_dict()})
+                       command="nextlocmoe curve", curves={f"{key[0]}/{key[1]}": {**cfg.to_dict(), **(extra or {})}})
     if (Path(results_dir) / "learning_curve.json").exists():
         previous = json.loads((Path(results_dir) / "learning_curve.json").read_text())
         stamp["curves"] = {**previous.get("curves", {}), **stamp["curves"]}
@@ -182,9 +262,5 @@ def compare_with_floor(profile: str, method: str, dataset: str, windows_per_poin
     at = next(r for r in state["history"] if int(r["epoch"]) == int(state["best_epoch"]))
     result = {"best_point": int(state["best_epoch"]), "best_train_windows": int(at.get("train_windows", 0)),
               "points_done": len(state["history"]) - 1, **paired_comparison(ours, floor)}
-    path = Path(results_dir) / "learning_curve.json"
-    if path.exists():
-        stamp = json.loads(path.read_text())
-        stamp.setdefault("paired_vs_window_time", {})[f"{method}/{dataset}"] = result
-        write_json_atomic(path, stamp)
+    record_comparison(results_dir, f"{method}/{dataset}", result)
     return result

@@ -41,8 +41,10 @@ def _counting(name: str):
 
 
 def _neural(name: str):
-    return lambda plan, seed: BASELINES[name](NeuralBaselineConfig(epochs=plan.baseline_epochs,
-                                                                   patience=plan.baseline_patience, seed=seed))
+    def make(plan, seed):
+        budget = plan.baseline_budget(name)
+        return BASELINES[name](NeuralBaselineConfig(epochs=budget["epochs"], patience=budget["patience"], seed=seed))
+    return make
 
 
 # figure colours are the report's (nextlocmoe/report/style.py); tests/test_report_style.py checks every
@@ -109,12 +111,13 @@ def _budget(cfg: ExperimentConfig, *fields: str) -> dict[str, Any]:
 
 def baseline_job(runner: Runner, method: Method, data: DatasetHandle, cfg: ExperimentConfig,
                  variant: str = "default") -> dict[str, Any]:
-    """Fit a classical baseline on plan.baseline_train_windows training windows (None = all; the neural ones stop
-    early on validation Hit@10) and test it on the same validation and test windows as every other method."""
+    """Fit a classical baseline on plan.baseline_train_windows training windows (None = all; a neural one on its
+    plan.baseline_budget, stopping early on validation Hit@10) and test it on the same validation and test windows
+    as every other method."""
     model = method.make(runner.plan, cfg.train.seed)
     baseline_cfg = getattr(model, "cfg", None)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                             max_train_windows=runner.plan.baseline_train_windows))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, max_train_windows=runner.plan.baseline_budget(method.name)["train_windows"]))
     key = {"data": data.fingerprint,
            "budget": _budget(cfg, "max_train_windows", "max_eval_windows", "max_test_windows", "seed"),
            "baseline_config": baseline_cfg.to_dict() if hasattr(baseline_cfg, "to_dict") else None}

@@ -24,11 +24,15 @@ from ..metrics import metrics_table
 from ..results import markdown_table, write_results
 from .core import Runner, budget_text, run_config, slug
 from .methods import baseline_job, model_job
-from ..baselines import evaluate_baseline, make_baseline
+from ..baselines import NEURAL_BASELINES, evaluate_baseline, make_baseline
 from ..runs import limited
 from ..window_scorers import SCORERS, make_scorer
 from .registry import get_method, register_experiment
 from .registry import methods as registered_methods
+
+
+def _windows(n: int | None) -> str:
+    return "all" if n is None else f"{n:,}"
 
 
 @register_experiment("supervised", order=1, notebook="02_supervised.ipynb",
@@ -37,6 +41,9 @@ from .registry import methods as registered_methods
 def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[str]:
     """Rows of every supervised method (or only `methods`) on every dataset of the plan."""
     chosen = [get_method(m) for m in methods] if methods else registered_methods(supervised=True)
+    unknown = sorted(set(runner.plan.baseline_budgets) - set(NEURAL_BASELINES))
+    if unknown:
+        raise ConfigError(f"plan.baseline_budgets names {unknown}; expected neural baselines {list(NEURAL_BASELINES)}")
     runner.paired_reference = best_training_free
     for dataset in runner.plan.datasets:
         data = runner.dataset(dataset)
@@ -48,13 +55,16 @@ def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[s
             else:
                 raise ConfigError(f"method '{method.name}' ({method.family}) cannot run in the supervised table")
     plan, train = runner.plan, runner.cfg.train
-    baseline_windows = "all" if plan.baseline_train_windows is None else f"{plan.baseline_train_windows:,}"
+    baseline_windows = _windows(plan.baseline_train_windows)
     return [
         "Every method sees the same splits and candidates and is validated and tested on the same seeded "
         "subsamples (runs.limited), so the column n is equal across a dataset's rows.",
         f"Training windows: the LLM-based models {budget_text(train)}; the classical baselines fit "
         f"{baseline_windows} training windows (the neural ones at most {plan.baseline_epochs} epochs, early stopping "
-        f"on validation Hit@10 with patience {plan.baseline_patience}).",
+        f"on validation Hit@10 with patience {plan.baseline_patience})"
+        + "".join(f"; {name}: {_windows(b['train_windows'])} training windows, at most {b['epochs']} epochs, "
+                  f"patience {b['patience']}" for name, b in ((n, plan.baseline_budget(n)) for n in plan.baseline_budgets))
+        + ".",
         "nextlocmoe is the paper's method (regression head + KD-tree); nextlocmoe_ranking is this project's "
         "ranking head; nextlocllm is the NextLocLLM-style baseline (same backbone and prompt, regression head, "
         "no MoE and no router, a LoRA on every FFN).",

@@ -305,11 +305,31 @@ class NextLocMoE(nn.Module):
             self.origin.set_time_prior(weights.sigma, weights.same_weekday, weights.same_daytype)
 
     @torch.no_grad()
-    def set_origin_candidates(self, candidates_xy: np.ndarray) -> None:
-        """Point the regression origin's place ids at another city's candidates (L', 2) metres (zero-shot transfer:
-        the target windows hold target place ids); z-scored with this model's statistics. No-op without the origin."""
+    def set_candidates(self, candidates_xy: Any, candidate_function: Any) -> None:
+        """Point the model at another city's candidates (zero-shot transfer, docs/design.md §5): (L', 2) metres,
+        z-scored with THIS model's statistics, and (L',) function indices. The target windows hold target place
+        ids, so every module that maps a place id to a place follows: the regression origin (the scorer's top place)
+        and the ranking head, whose candidate embeddings are computed from coordinates and function. The ranking
+        head's per-candidate bias (the source city's log popularity, then trained) has no counterpart in the target,
+        which has no training data: it restarts at 0, every target place equally likely a priori, as for the
+        training-free scorers without their popularity prior. A learned embedding per source candidate
+        (model.ranking_id_embedding) cannot be transferred at all: refused."""
+        _, xy, function = check_inputs(self.norm_stats, candidates_xy, candidate_function)
+        if xy is None or function is None:
+            raise DataError("set_candidates needs candidates_xy (L, 2) and candidate_function (L,) of the target")
+        self.candidates_xy, self.candidate_function = xy, function
         if self.origin is not None:
-            self.origin.candidates_z = self._zscore(np.asarray(candidates_xy)).to(self.origin.candidates_z.device)
+            self.origin.candidates_z = self._zscore(xy).to(self.origin.candidates_z.device)
+        if self.cfg.head == "ranking":
+            head = self.head
+            if head.candidate_id_embedding is not None:
+                raise ConfigError("model.ranking_id_embedding=true: the ranking head learned one embedding per "
+                                  "SOURCE candidate, which has no meaning for another city's places; zero-shot "
+                                  "transfer needs a head without them (false, the default)")
+            device = head.candidate_bias.device
+            head.candidates_z = self._zscore(xy).to(device)
+            head.candidate_function = torch.from_numpy(function.copy()).to(device)
+            head.candidate_bias = nn.Parameter(torch.zeros(len(xy), device=device))
 
     @property
     def uses_time_prior(self) -> bool:

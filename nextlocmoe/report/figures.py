@@ -77,31 +77,32 @@ FLOOR_LINESTYLES = {"window_time": "-", "user_most_frequent": "--"}
 
 
 @styled
-def plot_learning_curves(table: pd.DataFrame, metrics: Sequence[str] = ("hit@1", "mrr")) -> Figure:
-    """One column per curve (method on dataset), one row per metric: the validation metric against training
-    windows (point 0 = the untrained start) with its 95% interval as a band, and each training-free floor on the
-    same validation windows as a horizontal line with its band.
+def plot_learning_curves(table: pd.DataFrame, metrics: Sequence[str] = ("hit@1", "mrr"), by: str = "curve") -> Figure:
+    """One column per curve (method on dataset; by="dataset": per dataset, every model's curve of it in one panel),
+    one row per metric: the validation metric against training windows (point 0 = the untrained start) with its 95%
+    interval as a band, and each training-free floor on the same validation windows as a horizontal line with its
+    band (curves of one dataset share their validation windows, so a floor is drawn once per panel).
 
-    table  results/learning_curve.csv: curve, kind ("model" or "floor"), method, train_windows and, per metric,
-           the value and "<metric>_lo" / "<metric>_hi"
+    table  results/learning_curve.csv: curve, kind ("model" or "floor"), method, dataset, train_windows and, per
+           metric, the value and "<metric>_lo" / "<metric>_hi"
     """
-    require_columns(table, ["curve", "kind", "method", "train_windows",
+    if by not in ("curve", "dataset"):
+        raise ConfigError(f"plot_learning_curves: by={by!r}; expected 'curve' or 'dataset'")
+    require_columns(table, ["curve", "kind", "method", by, "train_windows",
                             *[f"{m}{e}" for m in metrics for e in ("", "_lo", "_hi")]], "plot_learning_curves")
-    curves = list(dict.fromkeys(table["curve"]))
-    if not curves:
+    columns = list(dict.fromkeys(table[by]))
+    if not columns:
         raise ConfigError("plot_learning_curves: the table holds no curve")
-    if len(curves) > 3:
-        raise ConfigError(f"plot_learning_curves: {len(curves)} curves do not fit one readable figure; pass at "
+    if len(columns) > 3:
+        raise ConfigError(f"plot_learning_curves: {len(columns)} panels do not fit one readable figure; pass at "
                           "most 3 (e.g. table[table['curve'].isin([...])])")
-    fig = new_figure((min(11.0, max(9.0, 3.6 * len(curves) + 0.6)), 3.1 * len(metrics) + 0.4))
-    axes = np.atleast_2d(fig.subplots(len(metrics), len(curves), squeeze=False))
-    for j, curve in enumerate(curves):
-        rows = table[table["curve"] == curve]
-        model = rows[rows["kind"] == "model"].sort_values("train_windows")
-        floors = rows[rows["kind"] == "floor"]
-        method = model["method"].iloc[0] if len(model) else curve.split("/")[0]
-        color = method_style(method).color
-        x = model["train_windows"].to_numpy(dtype=float)
+    fig = new_figure((min(11.0, max(9.0, 3.6 * len(columns) + 0.6)), 3.1 * len(metrics) + 0.4))
+    axes = np.atleast_2d(fig.subplots(len(metrics), len(columns), squeeze=False))
+    for j, column in enumerate(columns):
+        rows = table[table[by] == column]
+        floors = rows[rows["kind"] == "floor"].drop_duplicates("method")
+        models = rows[rows["kind"] == "model"]
+        several = models["curve"].nunique() > 1
         for i, metric in enumerate(metrics):
             ax = axes[i, j]
             for _, f in floors.iterrows():
@@ -109,15 +110,23 @@ def plot_learning_curves(table: pd.DataFrame, metrics: Sequence[str] = ("hit@1",
                 ax.axhspan(f[f"{metric}_lo"], f[f"{metric}_hi"], color=fc, alpha=0.12, linewidth=0)
                 ax.axhline(f[metric], color=fc, linestyle=FLOOR_LINESTYLES.get(f["method"], ":"), linewidth=1.6,
                            label=f"{f['method']} (no training) {f[metric]:.3f}")
-            ax.fill_between(x, model[f"{metric}_lo"], model[f"{metric}_hi"], color=color, alpha=0.2, linewidth=0)
-            ax.plot(x, model[metric], marker="o", markersize=4, color=color, linewidth=2, label=f"{method} (validation)")
-            if len(model):
+            for curve in dict.fromkeys(models["curve"]):
+                model = models[models["curve"] == curve].sort_values("train_windows")
+                method = model["method"].iloc[0]
+                color = method_style(method).color
+                x = model["train_windows"].to_numpy(dtype=float)
                 best = model.loc[model[metric].idxmax()]
-                ax.annotate(f"best {best[metric]:.3f}", (best["train_windows"], best[metric]),
-                            textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
+                ax.fill_between(x, model[f"{metric}_lo"], model[f"{metric}_hi"], color=color,
+                                alpha=0.12 if several else 0.2, linewidth=0)
+                ax.plot(x, model[metric], marker="o", markersize=3 if several else 4, color=color, linewidth=2,
+                        label=f"{method} (validation)" + (f", best {best[metric]:.3f}" if several else ""))
+                if not several:
+                    ax.annotate(f"best {best[metric]:.3f}", (best["train_windows"], best[metric]),
+                                textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
             ax.xaxis.set_major_formatter(FuncFormatter(thousands))
+            title = str(column).replace("/", " on ") if by == "curve" else f"{column}: {' vs '.join(dict.fromkeys(models['method']))}"
             ax.set(xlabel="training windows seen (0 = untrained)" if i == len(metrics) - 1 else "",
-                   ylabel=f"validation {metric_label(metric)}", title=f"{curve.replace('/', ' on ')}" if i == 0 else "")
+                   ylabel=f"validation {metric_label(metric)}", title=title if i == 0 else "")
             ax.legend(loc="best", fontsize=9)
     n = int(table["n"].dropna().iloc[0]) if "n" in table.columns and table["n"].notna().any() else None
     fig.suptitle("Learning curves: validation accuracy against training windows"
