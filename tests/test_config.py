@@ -54,7 +54,7 @@ def test_text_overrides_stay_text_where_yaml_would_read_a_boolean():
 def test_a_neural_baselines_budget_is_the_plans_unless_baseline_budgets_names_it(tmp_path):
     cfg = load_config("cpu")
     assert cfg.plan.baseline_budget("lstm") == {"epochs": 5, "patience": 2, "train_windows": 4096}
-    assert cfg.plan.baseline_budget("transformer_pointer") == {"epochs": 3, "patience": 2, "train_windows": None}
+    assert cfg.plan.baseline_budget("transformer_pointer") == {"epochs": 3, "patience": None, "train_windows": None}
     path = tmp_path / "budget.yaml"
     path.write_text("plan:\n  baseline_budgets:\n    lstm:\n      epochs: 1\n")      # a free-form mapping
     assert load_config("cpu", path).plan.baseline_budget("lstm")["epochs"] == 1

@@ -62,8 +62,10 @@ def supervised(runner: Runner, methods: tuple[str, ...] | None = None) -> list[s
         f"Training windows: the LLM-based models {budget_text(train)}; the classical baselines fit "
         f"{baseline_windows} training windows (the neural ones at most {plan.baseline_epochs} epochs, early stopping "
         f"on validation Hit@10 with patience {plan.baseline_patience})"
-        + "".join(f"; {name}: {_windows(b['train_windows'])} training windows, at most {b['epochs']} epochs, "
-                  f"patience {b['patience']}" for name, b in ((n, plan.baseline_budget(n)) for n in plan.baseline_budgets))
+        + "".join(f"; {name}: {_windows(b['train_windows'])} training windows, "
+                  + (f"{b['epochs']} epochs, the last kept" if b["patience"] is None else
+                     f"at most {b['epochs']} epochs, patience {b['patience']}")
+                  for name, b in ((n, plan.baseline_budget(n)) for n in plan.baseline_budgets))
         + ".",
         "nextlocmoe is the paper's method (regression head + KD-tree); nextlocmoe_ranking is this project's "
         "ranking head; nextlocllm is the NextLocLLM-style baseline (same backbone and prompt, regression head, "
