@@ -20,7 +20,7 @@ baseline's supervised configuration over every training window with no early sto
 after every `windows_per_point` windows on the same validation windows and floors; not resumable (minutes), and its
 best point by validation Hit@10 is compared with window_time, paired, when the fit ends.
 
-    nextlocmoe curve --profile cpu --method transformer_pointer --dataset nyc --windows-per-point 2048 --points 8
+    nextlocmoe curve --profile cpu --method transformer_pointer --dataset nyc --windows-per-point 2048 --points 47
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from typing import Any
 
 import pandas as pd
 
-from ..baselines import (NEURAL_BASELINES, LastLocation, NeuralBaselineConfig, UserMostFrequent, evaluate_baseline,
+from ..baselines import (NEURAL_BASELINES, LastLocation, NeuralBaselineConfig, UserMostFrequent,
                          make_baseline, rank_baseline)
 from ..config import ExperimentConfig
 from ..data.prepare import prepare
 from ..errors import ConfigError
 from ..io import provenance, write_json_atomic
-from ..metrics import paired_comparison
+from ..metrics import Ranked, paired_comparison
 from ..results import markdown_table, write_results
 from ..runs import limited, load_checkpoint
 from ..window_scorers import make_scorer
@@ -53,24 +53,33 @@ CURVE_METRICS = ("hit@1", "hit@1_lo", "hit@1_hi", "hit@10", "mrr", "mrr_lo", "mr
 def curve_config(profile: str, method: str, dataset: str, windows_per_point: int, points: int,
                  val_windows: int = 1000, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """The method's supervised config with the curve's budget (module docstring)."""
-    if not (isinstance(windows_per_point, int) and windows_per_point >= 1 and isinstance(points, int) and points >= 1):
-        raise ConfigError(f"windows_per_point={windows_per_point!r}, points={points!r}; expected integers >= 1")
+    check_budget(windows_per_point, points)
     cfg = run_config(resolve_config(profile, overrides=overrides), method, dataset)
     cfg.train = dataclasses.replace(cfg.train, max_train_windows=None, windows_per_epoch=windows_per_point,
                                     epochs=points, max_eval_windows=val_windows, early_stop_patience=points + 1)
     return cfg
 
 
+def check_budget(windows_per_point: Any, points: Any) -> None:
+    if not (isinstance(windows_per_point, int) and windows_per_point >= 1 and isinstance(points, int) and points >= 1):
+        raise ConfigError(f"windows_per_point={windows_per_point!r}, points={points!r}; expected integers >= 1")
+
+
+def floor_ranks(cfg: ExperimentConfig, windows: Any, point_predictions: bool | None = None) -> dict[str, Ranked]:
+    """The training-free floors ranked on the curve's validation windows; with point predictions (default:
+    cfg.model.head == "regression") also last_location."""
+    w = limited(windows, cfg)
+    floors = {"user_most_frequent": rank_baseline(UserMostFrequent().fit(w), w, "val"),
+              "window_time": rank_baseline(make_scorer("window_time").fit(w), w, "val")}
+    if cfg.model.head == "regression" if point_predictions is None else point_predictions:
+        floors["last_location"] = rank_baseline(LastLocation().fit(w), w, "val")
+    return floors
+
+
 def floor_metrics(cfg: ExperimentConfig, windows: Any, point_predictions: bool | None = None
                   ) -> dict[str, dict[str, float]]:
-    """Validation metrics of the training-free floors on the curve's validation windows; with point predictions
-    (default: cfg.model.head == "regression") also last_location's."""
-    w = limited(windows, cfg)
-    floors = {"user_most_frequent": evaluate_baseline(UserMostFrequent().fit(w), w, "val"),
-              "window_time": evaluate_baseline(make_scorer("window_time").fit(w), w, "val")}
-    if cfg.model.head == "regression" if point_predictions is None else point_predictions:
-        floors["last_location"] = evaluate_baseline(LastLocation().fit(w), w, "val")
-    return floors
+    """Validation metrics of the training-free floors (`floor_ranks`)."""
+    return {name: ranked.metrics() for name, ranked in floor_ranks(cfg, windows, point_predictions).items()}
 
 
 def curve_table(method: str, dataset: str, history: pd.DataFrame, floors: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -116,8 +125,7 @@ def baseline_curve_config(profile: str, method: str, dataset: str, windows_per_p
     enough passes for points x windows_per_point windows (set by run_baseline_curve once the data are known)."""
     if method not in NEURAL_BASELINES:
         raise ConfigError(f"method '{method}' has no baseline curve; expected one of {list(NEURAL_BASELINES)}")
-    if not (isinstance(windows_per_point, int) and windows_per_point >= 1 and isinstance(points, int) and points >= 1):
-        raise ConfigError(f"windows_per_point={windows_per_point!r}, points={points!r}; expected integers >= 1")
+    check_budget(windows_per_point, points)
     cfg = resolve_config(profile, overrides=overrides)
     cfg = job_config(cfg, dataset_config(dataset, cfg), cfg.model,
                      {"max_train_windows": None, "max_eval_windows": val_windows})
@@ -139,9 +147,9 @@ def run_baseline_curve(profile: str, method: str, dataset: str, windows_per_poin
     n_train = windows.n_windows("train")
     baseline_cfg = dataclasses.replace(baseline_cfg, epochs=-(-points * windows_per_point // n_train))
     cfg.train = dataclasses.replace(cfg.train, windows_per_epoch=windows_per_point, epochs=points)   # the stamp
-    floors = floor_metrics(cfg, windows, point_predictions=False)      # a classifier ranks candidates
+    ranked_floors = floor_ranks(cfg, windows, point_predictions=False)      # a classifier ranks candidates
+    floors = {name: ranked.metrics() for name, ranked in ranked_floors.items()}
     val = limited(windows, cfg)
-    floor_ranks = rank_baseline(make_scorer("window_time").fit(val), val, "val").rank
     history, ranks = [], {}
 
     def observe(model: Any, seen: int) -> bool:
@@ -162,7 +170,7 @@ def run_baseline_curve(profile: str, method: str, dataset: str, windows_per_poin
     best = max(range(len(history)), key=lambda i: (history[i]["val_hit@10"], -i))   # earliest of equals
     record_comparison(results_dir, f"{method}/{dataset}", {
         "best_point": best, "best_train_windows": history[best]["train_windows"], "points_done": len(history) - 1,
-        **paired_comparison(ranks[best], floor_ranks)})
+        **paired_comparison(ranks[best], ranked_floors["window_time"].rank)})
     return curve_table(method, dataset, pd.DataFrame(history), floors)
 
 
